@@ -1,0 +1,137 @@
+"""Versioned wire schema of jobs and replies (validated with pydantic).
+
+A job is one msgpack map in the field ``j`` of an entry of the model's request stream;
+a reply is one msgpack map in the field ``r`` of the caller's reply stream.
+Every kind of work shares the Job envelope; its ``params`` are validated per kind
+with the model in ``PARAMS_BY_KIND``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from embedq.common.codec import DEFAULT_LIMITS, DecodeLimits, decode, encode
+from embedq.common.errors import ProtocolError
+
+WIRE_VERSION = 1
+
+JobKind = Literal[
+    "embed", "embed_all", "embed_sparse", "rerank", "predict", "tokenize", "decode"
+]
+# Kinds a worker of this release can run; the others are reserved in the schema.
+TruncationDirection = Literal["right", "left"]
+
+# An input is a text or, as TEI allows, a list of token ids.
+Input = str | list[int]
+
+
+class _Wire(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class EmbedParams(_Wire):
+    """Parameters of an ``embed`` job; defaults are TEI's."""
+
+    normalize: bool = True
+    # None: the worker's auto-truncate setting decides.
+    truncate: bool | None = None
+    truncation_direction: TruncationDirection = "right"
+    prompt_name: str | None = Field(default=None, max_length=200)
+    dimensions: int | None = Field(default=None, ge=1)
+    # Precision of the vectors on the wire (the model always pools in float32).
+    encoding: Literal["float32", "float16"] = "float32"
+
+    @field_validator("truncation_direction", mode="before")
+    @classmethod
+    def _lower_direction(cls, value: Any) -> Any:
+        # TEI also accepts "Right"/"Left".
+        return value.lower() if isinstance(value, str) else value
+
+
+PARAMS_BY_KIND: dict[str, type[_Wire]] = {"embed": EmbedParams}
+
+
+class Job(_Wire):
+    v: Literal[1] = WIRE_VERSION
+    id: str = Field(min_length=1, max_length=64)
+    kind: JobKind
+    model: str = Field(min_length=1, max_length=200)
+    inputs: list[Input]
+    params: dict[str, Any] = Field(default_factory=dict)
+    # The caller's reply stream key.
+    reply_to: str = Field(min_length=1, max_length=256)
+    created_ms: int = Field(ge=0)
+    # Absolute unix-ms deadline; 0 means none.
+    deadline_ms: int = Field(default=0, ge=0)
+    # W3C trace-context carrier (traceparent, tracestate).
+    trace: dict[str, str] = Field(default_factory=dict, max_length=8)
+
+    def embed_params(self) -> EmbedParams:
+        return EmbedParams.model_validate(self.params)
+
+
+class ErrorBody(_Wire):
+    code: str
+    message: str
+
+
+class ReplyMeta(_Wire):
+    """Tracing figures of one job, the numbers TEI returns as x-*-time headers."""
+
+    worker: str
+    queue_ms: float = 0.0
+    tokenize_ms: float = 0.0
+    infer_ms: float = 0.0
+    batch_size: int = 0
+    tokens: int = 0
+    deliveries: int = 1
+
+
+class EmbedResult(_Wire):
+    dtype: Literal["float32", "float16"]
+    shape: tuple[int, int]
+    data: bytes
+    # Real tokens per input (after truncation, special tokens included).
+    token_counts: list[int]
+
+
+class Reply(_Wire):
+    v: Literal[1] = WIRE_VERSION
+    id: str
+    ok: bool
+    error: ErrorBody | None = None
+    embed: EmbedResult | None = None
+    meta: ReplyMeta | None = None
+
+
+def pack_job(job: Job) -> bytes:
+    return encode(job.model_dump(mode="python"))
+
+
+def pack_reply(reply: Reply) -> bytes:
+    return encode(reply.model_dump(mode="python", exclude_none=True))
+
+
+def unpack_job(raw: bytes, limits: DecodeLimits = DEFAULT_LIMITS) -> Job:
+    """Decode and validate a job; raises ProtocolError with a readable reason."""
+    obj = decode(raw, limits)
+    try:
+        return Job.model_validate(obj)
+    except ValidationError as exc:
+        raise ProtocolError(f"invalid job: {_first_error(exc)}") from exc
+
+
+def unpack_reply(raw: bytes, limits: DecodeLimits = DEFAULT_LIMITS) -> Reply:
+    obj = decode(raw, limits)
+    try:
+        return Reply.model_validate(obj)
+    except ValidationError as exc:
+        raise ProtocolError(f"invalid reply: {_first_error(exc)}") from exc
+
+
+def _first_error(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    where = ".".join(str(p) for p in err.get("loc", ())) or "message"
+    return f"{where}: {err.get('msg', 'invalid')}"

@@ -1,0 +1,40 @@
+"""embedq: text-embedding inference served by workers behind Redis Streams.
+
+The public SDK::
+
+    from embedq import AsyncClient, Client
+"""
+
+from embedq.common.errors import (
+    BackendError,
+    EmbedqError,
+    EmptyInputError,
+    ModelNotServedError,
+    OverloadedError,
+    ProtocolError,
+    QueueUnavailableError,
+    RequestError,
+    RequestTimeoutError,
+    TokenizerError,
+    ValidationError,
+)
+from embedq.producer import AsyncClient, Client
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AsyncClient",
+    "BackendError",
+    "Client",
+    "EmbedqError",
+    "EmptyInputError",
+    "ModelNotServedError",
+    "OverloadedError",
+    "ProtocolError",
+    "QueueUnavailableError",
+    "RequestError",
+    "RequestTimeoutError",
+    "TokenizerError",
+    "ValidationError",
+    "__version__",
+]

@@ -1,0 +1,3 @@
+from embedq.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,84 @@
+"""The `embedq` command: `up` (all-in-one) and `worker`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _cmd_worker(ns: argparse.Namespace) -> int:
+    from embedq.worker.config import ConfigError, config_from_args
+    from embedq.worker.main import run_worker
+    from embedq.worker.model_files import ModelFolderError
+
+    try:
+        config = config_from_args(ns)
+        run_worker(config)
+    except (ConfigError, ModelFolderError, ValueError) as exc:
+        logging.getLogger("embedq").error("%s", exc)
+        return 2
+    return 0
+
+
+def _cmd_up(ns: argparse.Namespace, passthrough: list[str]) -> int:
+    from embedq.up import Stack, StackError
+
+    stack = Stack(
+        redis_url=ns.redis_url,
+        data_dir=Path(ns.data_dir),
+        served_model_name=ns.served_model_name,
+        worker_args=passthrough,
+    )
+    try:
+        stack.start()
+        print(f"embedq is up: model {stack.model!r} on {stack.redis_url} (Ctrl-C stops)", flush=True)
+        return stack.wait()
+    except StackError as exc:
+        logging.getLogger("embedq").error("%s", exc)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        stack.stop()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from embedq.worker.config import add_worker_arguments
+
+    parser = argparse.ArgumentParser(prog="embedq", description=__doc__)
+    parser.add_argument("--log-level", default=os.environ.get("EMBEDQ_LOG_LEVEL", "info"))
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    worker = sub.add_parser("worker", help="serve one model from a Redis stream")
+    add_worker_arguments(worker)
+
+    up = sub.add_parser(
+        "up",
+        help="start Redis (embedded unless --redis-url) and a worker; other flags go to the worker",
+    )
+    up.add_argument("--redis-url", default=os.environ.get("EMBEDQ_REDIS_URL"))
+    up.add_argument("--data-dir", default=".embedq", help="where the embedded Redis keeps its data")
+    up.add_argument("--served-model-name", default=None)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    ns, rest = parser.parse_known_args(argv)
+    _setup_logging(ns.log_level)
+    if ns.command == "up":
+        return _cmd_up(ns, rest)
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    return _cmd_worker(ns)

@@ -1,0 +1,240 @@
+"""The asyncio SDK: submit jobs to a model's stream and await typed results."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Sequence
+from typing import Any, Literal
+
+import numpy as np
+from redis.exceptions import RedisError
+
+from embedq.common import keys
+from embedq.common.codec import vectors_from_bytes
+from embedq.common.errors import (
+    EmbedqError,
+    EmptyInputError,
+    ModelNotServedError,
+    ProtocolError,
+    QueueUnavailableError,
+    RequestTimeoutError,
+    error_from_wire,
+)
+from embedq.common.ids import new_client_id, new_request_id, now_ms
+from embedq.common.settings import DEFAULT_MODEL_NAME, DEFAULT_REDIS_URL, RedisSettings, connect
+from embedq.common.wire import EmbedParams, Job, Reply, pack_job
+from embedq.producer.replies import ReplyReader
+from embedq.producer.submitter import Submitter
+
+log = logging.getLogger(__name__)
+
+Texts = str | Sequence[str] | Sequence[int] | Sequence[Sequence[int]]
+
+
+def _as_inputs(texts: Texts) -> list[Any]:
+    """TEI's input forms: a string, a list of strings, one id list, or a list of id lists."""
+    if isinstance(texts, str):
+        return [texts]
+    items = list(texts)
+    if items and all(isinstance(x, int) and not isinstance(x, bool) for x in items):
+        return [items]
+    return [list(x) if not isinstance(x, str) else x for x in items]
+
+
+class AsyncClient:
+    """Async client for one Redis and (by default) one served model.
+
+    ``async with AsyncClient("redis://...", model="name") as client:`` starts one reply
+    reader and one submitter; every request shares them, so the number of Redis
+    connections stays small (at most ``max_connections`` + 1) however many requests
+    are in flight.
+    """
+
+    def __init__(
+        self,
+        redis_url: str = DEFAULT_REDIS_URL,
+        *,
+        model: str = DEFAULT_MODEL_NAME,
+        timeout: float = 60.0,
+        max_connections: int = 4,
+        client_id: str | None = None,
+        redis_settings: RedisSettings | None = None,
+    ) -> None:
+        self.model = keys.check_model_name(model)
+        self.timeout = timeout
+        self.client_id = keys.check_client_id(client_id or new_client_id("sdk"))
+        self._settings = redis_settings or RedisSettings(url=redis_url, max_connections=max_connections)
+        self._redis = None
+        self._reader_redis = None
+        self._reader: ReplyReader | None = None
+        self._submitter: Submitter | None = None
+
+    # ---------------------------------------------------------------- lifecycle
+    async def start(self) -> None:
+        if self._reader is not None:
+            return
+        self._redis = connect(self._settings, name=f"embedq-sdk:{self.client_id}")
+        # The blocking XREAD gets a connection of its own.
+        self._reader_redis = connect(self._settings, name=f"embedq-sdk-replies:{self.client_id}", max_connections=1)
+        self._reader = ReplyReader(self._reader_redis, keys.reply_stream(self.client_id))
+        self._submitter = Submitter(self._redis)
+        self._reader.start()
+        self._submitter.start()
+
+    async def close(self) -> None:
+        if self._submitter is not None:
+            await self._submitter.close()
+        if self._reader is not None:
+            await self._reader.close()
+        for r in (self._redis, self._reader_redis):
+            if r is not None:
+                await r.aclose()
+        self._reader = self._submitter = self._redis = self._reader_redis = None
+
+    async def __aenter__(self) -> AsyncClient:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    @property
+    def reply_stream(self) -> str:
+        return keys.reply_stream(self.client_id)
+
+    # ---------------------------------------------------------------- low level
+    async def request(
+        self,
+        kind: Literal["embed"],
+        inputs: list[Any],
+        params: dict[str, Any],
+        *,
+        model: str | None = None,
+        timeout: float | None = None,
+    ) -> Reply:
+        """Submit one job and wait for its reply (ok or not). Raises on transport errors."""
+        await self.start()
+        assert self._reader is not None and self._submitter is not None
+        model = keys.check_model_name(model or self.model)
+        timeout = self.timeout if timeout is None else timeout
+        created = now_ms()
+        job = Job(
+            id=new_request_id(),
+            kind=kind,
+            model=model,
+            inputs=inputs,
+            params=params,
+            reply_to=self._reader.stream,
+            created_ms=created,
+            deadline_ms=created + int(timeout * 1000) if timeout > 0 else 0,
+        )
+        waiter = self._reader.expect(job.id)
+        try:
+            try:
+                queued = await self._submitter.submit(keys.jobs_stream(model), pack_job(job))
+            except RedisError as exc:
+                raise QueueUnavailableError(f"cannot enqueue to Redis: {exc}") from exc
+            if not queued:
+                raise ModelNotServedError(
+                    f"model {model!r} is not served: no worker has registered its stream "
+                    f"{keys.jobs_stream(model)!r} on this Redis"
+                )
+            try:
+                return await asyncio.wait_for(waiter, timeout if timeout > 0 else None)
+            except asyncio.TimeoutError:
+                raise RequestTimeoutError(
+                    f"no reply for request {job.id} to model {model!r} within {timeout:g}s"
+                ) from None
+        finally:
+            self._reader.forget(job.id)
+
+    # ---------------------------------------------------------------- embeddings
+    async def embed(
+        self,
+        texts: Texts,
+        *,
+        normalize: bool = True,
+        truncate: bool | None = None,
+        truncation_direction: Literal["right", "left"] = "right",
+        prompt_name: str | None = None,
+        dimensions: int | None = None,
+        model: str | None = None,
+        timeout: float | None = None,
+    ) -> np.ndarray:
+        """Embeddings of ``texts`` as a float32 array of shape (n, d), in input order.
+
+        A single string gives a (1, d) array, as TEI's /embed does.
+        """
+        inputs = _as_inputs(texts)
+        if not inputs:
+            raise EmptyInputError("Batch is empty")
+        params = EmbedParams(
+            normalize=normalize,
+            truncate=truncate,
+            truncation_direction=truncation_direction,
+            prompt_name=prompt_name,
+            dimensions=dimensions,
+        ).model_dump(exclude_defaults=True)
+        reply = await self.request("embed", inputs, params, model=model, timeout=timeout)
+        return embeddings_of(reply)
+
+    async def embed_many(
+        self,
+        texts: Iterable[str] | AsyncIterable[str],
+        *,
+        chunk_size: int = 64,
+        max_in_flight: int = 16,
+        **params: Any,
+    ) -> AsyncIterator[np.ndarray]:
+        """Embed a long stream of texts for ingestion.
+
+        Texts are sent in chunks of ``chunk_size``; at most ``max_in_flight`` chunks are
+        outstanding, so memory stays bounded whatever the input's size. Yields one
+        (len(chunk), d) array per chunk, in input order.
+        """
+        if chunk_size < 1 or max_in_flight < 1:
+            raise ValueError("chunk_size and max_in_flight must be positive")
+        pending: deque[asyncio.Task[np.ndarray]] = deque()
+        try:
+            async for chunk in _chunks(texts, chunk_size):
+                pending.append(asyncio.create_task(self.embed(chunk, **params)))
+                if len(pending) >= max_in_flight:
+                    yield await pending.popleft()
+            while pending:
+                yield await pending.popleft()
+        finally:
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.gather(*pending, return_exceptions=True)
+
+
+def embeddings_of(reply: Reply) -> np.ndarray:
+    """The vectors of an ``embed`` reply, or its error raised as the typed exception."""
+    if not reply.ok:
+        err = reply.error
+        raise error_from_wire(err.code, err.message) if err else EmbedqError("request failed")
+    if reply.embed is None:
+        raise ProtocolError("reply carries no embeddings")
+    res = reply.embed
+    return vectors_from_bytes(res.data, res.dtype, res.shape)
+
+
+async def _chunks(texts: Iterable[str] | AsyncIterable[str], size: int) -> AsyncIterator[list[str]]:
+    chunk: list[str] = []
+    if isinstance(texts, AsyncIterable):
+        async for t in texts:
+            chunk.append(t)
+            if len(chunk) == size:
+                yield chunk
+                chunk = []
+    else:
+        for t in texts:
+            chunk.append(t)
+            if len(chunk) == size:
+                yield chunk
+                chunk = []
+    if chunk:
+        yield chunk

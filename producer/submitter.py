@@ -1,0 +1,79 @@
+"""Coalesces concurrent job submissions into pipelined XADDs on one connection.
+
+A thousand concurrent ``embed`` calls become a few round trips, not a thousand, and
+use one connection. XADD carries NOMKSTREAM: a stream no worker ever created is
+reported instead of silently created.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+
+import redis.asyncio as aioredis
+
+from embedq.common import keys
+
+log = logging.getLogger(__name__)
+
+MAX_PIPELINE = 512
+
+
+@dataclass
+class _Submission:
+    stream: str
+    payload: bytes
+    done: asyncio.Future[bool]
+
+
+class Submitter:
+    def __init__(self, redis: aioredis.Redis) -> None:
+        self._redis = redis
+        self._queue: asyncio.Queue[_Submission] = asyncio.Queue()
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="embedq-submitter")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+        while not self._queue.empty():
+            sub = self._queue.get_nowait()
+            if not sub.done.done():
+                sub.done.set_exception(RuntimeError("client closed"))
+
+    async def submit(self, stream: str, payload: bytes) -> bool:
+        """True once the entry is in the stream; False if the stream does not exist."""
+        fut: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait(_Submission(stream, payload, fut))
+        return await fut
+
+    async def _run(self) -> None:
+        while True:
+            batch = [await self._queue.get()]
+            while not self._queue.empty() and len(batch) < MAX_PIPELINE:
+                batch.append(self._queue.get_nowait())
+            batch = [s for s in batch if not s.done.done()]
+            if not batch:
+                continue
+            pipe = self._redis.pipeline(transaction=False)
+            for s in batch:
+                pipe.xadd(s.stream, {keys.JOB_FIELD: s.payload}, nomkstream=True)
+            try:
+                results = await pipe.execute(raise_on_error=False)
+            except Exception as exc:  # connection lost: every caller learns it
+                for s in batch:
+                    if not s.done.done():
+                        s.done.set_exception(exc)
+                continue
+            for s, res in zip(batch, results):
+                if s.done.done():
+                    continue
+                if isinstance(res, Exception):
+                    s.done.set_exception(res)
+                else:
+                    s.done.set_result(res is not None)

@@ -1,0 +1,61 @@
+"""A blocking wrapper around AsyncClient, driven by an event loop on its own thread."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Coroutine, Iterable, Iterator
+from typing import Any, TypeVar
+
+import numpy as np
+
+from embedq.common.settings import DEFAULT_MODEL_NAME, DEFAULT_REDIS_URL
+from embedq.producer.async_client import AsyncClient, Texts
+
+T = TypeVar("T")
+
+
+class Client:
+    """Same methods as :class:`AsyncClient`, blocking. Usable from any thread."""
+
+    def __init__(self, redis_url: str = DEFAULT_REDIS_URL, *, model: str = DEFAULT_MODEL_NAME, **kwargs: Any) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="embedq-client", daemon=True)
+        self._thread.start()
+        self._async = AsyncClient(redis_url, model=model, **kwargs)
+        self._call(self._async.start())
+
+    def _call(self, coro: Coroutine[Any, Any, T]) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    @property
+    def model(self) -> str:
+        return self._async.model
+
+    def embed(self, texts: Texts, **params: Any) -> np.ndarray:
+        return self._call(self._async.embed(texts, **params))
+
+    def embed_many(self, texts: Iterable[str], **params: Any) -> Iterator[np.ndarray]:
+        agen = self._async.embed_many(texts, **params)
+        try:
+            while True:
+                try:
+                    yield self._call(agen.__anext__())
+                except StopAsyncIteration:
+                    return
+        finally:
+            self._call(agen.aclose())
+
+    def close(self) -> None:
+        if self._loop.is_closed():
+            return
+        self._call(self._async.close())
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=5)
+        self._loop.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,1 @@
+"""Worker processes: read jobs from a model's stream, batch, infer, reply."""

@@ -1,0 +1,41 @@
+"""The contract between the worker's queue logic and a model."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+from embedq.worker.tokenization import TextTokenizer
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelDescription:
+    """What a worker publishes about the model it serves (also feeds /info)."""
+
+    model_id: str
+    dim: int
+    max_input_length: int
+    pooling: str
+    dtype: str
+    device: str
+    model_type: str = "embedding"
+    prompts: dict[str, str] = field(default_factory=dict)
+    default_prompt_name: str | None = None
+    # True when the backend runs sequences without padding (token budget = sum).
+    packed: bool = False
+
+
+class Backend(Protocol):
+    description: ModelDescription
+    tokenizer: TextTokenizer
+
+    def embed(self, batch: Sequence[Sequence[int]]) -> np.ndarray:
+        """Pooled, un-normalised float32 vectors (len(batch) × dim) for token-id sequences."""
+        ...
+
+    def warmup(self) -> None:
+        """Run the model once so the first request is not slow."""
+        ...

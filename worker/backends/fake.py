@@ -1,0 +1,73 @@
+"""A deterministic backend without a model, for queue-mechanics tests and capacity runs.
+
+Tokens are whitespace words hashed into a vocabulary; a vector is seeded by a hash of
+the token ids. Same text in, same vector out, in any process.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Sequence
+
+import numpy as np
+
+from embedq.worker.backends.base import ModelDescription
+from embedq.worker.config import WorkerConfig
+from embedq.worker.tokenization import EncodeOptions, too_long
+
+_VOCAB = 30522
+_CLS, _SEP = 101, 102
+
+
+class FakeTokenizer:
+    def __init__(self, max_input_length: int) -> None:
+        self.max_input_length = max_input_length
+        self.vocab_size = _VOCAB
+
+    def _word_id(self, word: str) -> int:
+        digest = hashlib.blake2b(word.encode("utf-8"), digest_size=4).digest()
+        return 1000 + int.from_bytes(digest, "little") % (_VOCAB - 1000)
+
+    def encode(self, texts: Sequence[str], options: EncodeOptions) -> list[list[int]]:
+        room = self.max_input_length - 2
+        out = []
+        for text in texts:
+            if options.prompt:
+                text = options.prompt + text
+            ids = [self._word_id(w) for w in text.split()] or [self._word_id(text)]
+            if len(ids) > room:
+                if not options.truncate:
+                    raise too_long(len(ids) + 2, self.max_input_length)
+                ids = ids[:room] if options.direction == "right" else ids[-room:]
+            out.append([_CLS, *ids, _SEP])
+        return out
+
+
+class FakeBackend:
+    def __init__(self, config: WorkerConfig) -> None:
+        self.dim = config.fake_dim
+        self.tokenizer = FakeTokenizer(max_input_length=512)
+        self.description = ModelDescription(
+            model_id="fake",
+            dim=self.dim,
+            max_input_length=512,
+            pooling="mean",
+            dtype="float32",
+            device="cpu",
+            prompts={"query": "query: ", "passage": "passage: "},
+        )
+        self._delay_per_token = config.fake_delay_us_per_token / 1e6
+
+    def embed(self, batch: Sequence[Sequence[int]]) -> np.ndarray:
+        out = np.empty((len(batch), self.dim), dtype=np.float32)
+        for row, ids in enumerate(batch):
+            seed = hashlib.blake2b(np.asarray(ids, dtype=np.int64).tobytes(), digest_size=8)
+            rng = np.random.default_rng(int.from_bytes(seed.digest(), "little"))
+            out[row] = rng.standard_normal(self.dim, dtype=np.float32)
+        if self._delay_per_token:
+            time.sleep(self._delay_per_token * sum(len(ids) for ids in batch))
+        return out
+
+    def warmup(self) -> None:
+        return None

@@ -1,0 +1,136 @@
+"""The torch + transformers backend: a local model folder, loaded with safetensors.
+
+Runs the encoder with SDPA attention on right-padded batches (the batcher keeps
+lengths in a batch close), pools in float32, and leaves normalisation and
+Matryoshka cuts to the worker's post-processing.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from embedq.worker.backends.base import ModelDescription
+from embedq.worker.config import WorkerConfig
+from embedq.worker.model_files import ModelFolderError, Pooling, read_layout
+from embedq.worker.tokenization import HFTokenizer
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def cpu_has_fast_bf16() -> bool:
+    """True when the CPU does bf16 matmuls natively (AVX512-BF16 or AMX), not by emulation."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="ignore") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool(flags & {"avx512_bf16", "amx_bf16"})
+    except OSError:
+        pass
+    return False
+
+
+def resolve_dtype(requested: str, device: str) -> str:
+    """Turn ``auto`` into the fastest dtype that keeps cosine ≥ 0.999 to float32."""
+    if requested != "auto":
+        return requested
+    if device.startswith("cuda"):
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    return "bfloat16" if cpu_has_fast_bf16() else "float32"
+
+
+def _pool(hidden: torch.Tensor, mask: torch.Tensor, lengths: torch.Tensor, pooling: Pooling) -> torch.Tensor:
+    hidden = hidden.float()
+    if pooling == "cls":
+        return hidden[:, 0]
+    if pooling == "last-token":
+        # Right padding: the last real token of row i sits at lengths[i] - 1.
+        rows = torch.arange(hidden.shape[0], device=hidden.device)
+        return hidden[rows, lengths - 1]
+    weights = mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1e-9)
+
+
+class TorchBackend:
+    def __init__(self, config: WorkerConfig) -> None:
+        from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+        path = Path(config.model_path)
+        layout = read_layout(path, pooling=config.pooling)
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        self.device = torch.device(config.device)
+        self.dtype_name = resolve_dtype(config.dtype, config.device)
+        dtype = _DTYPES[self.dtype_name]
+
+        hf_config = AutoConfig.from_pretrained(path)
+        try:
+            self.model = AutoModel.from_pretrained(
+                path, dtype=dtype, attn_implementation="sdpa", use_safetensors=True
+            )
+        except (ValueError, ImportError) as exc:
+            # Some architectures have no SDPA path; the eager one is correct, only slower.
+            log.warning("SDPA attention unavailable (%s); using eager attention", exc)
+            self.model = AutoModel.from_pretrained(path, dtype=dtype, use_safetensors=True)
+        self.model.eval().to(self.device)
+        self._pad_id = int(getattr(hf_config, "pad_token_id", None) or 0)
+
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        backend_tok = getattr(tokenizer, "backend_tokenizer", None) or getattr(tokenizer, "_tokenizer", None)
+        if backend_tok is None:
+            raise ModelFolderError(f"{path} has no fast tokenizer (tokenizer.json)")
+        self.tokenizer = HFTokenizer(backend_tok, layout.max_input_length)
+        self.pooling = layout.pooling
+        width = int(getattr(hf_config, "hidden_size", 0) or getattr(hf_config, "dim", 0))
+        self.description = ModelDescription(
+            model_id=config.model_id,
+            dim=width,
+            max_input_length=layout.max_input_length,
+            pooling=layout.pooling,
+            dtype=self.dtype_name,
+            device=str(self.device),
+            prompts=layout.prompts,
+            default_prompt_name=layout.default_prompt_name,
+        )
+        log.info(
+            "loaded %s (%s, dim %d, max %d tokens, %s pooling) on %s with %d threads",
+            path, self.dtype_name, width, layout.max_input_length, layout.pooling,
+            self.device, torch.get_num_threads(),
+        )
+
+    def _collate(self, batch: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        lengths = np.fromiter((len(s) for s in batch), dtype=np.int64, count=len(batch))
+        width = int(lengths.max())
+        ids = np.full((len(batch), width), self._pad_id, dtype=np.int64)
+        for row, seq in enumerate(batch):
+            ids[row, : len(seq)] = seq
+        mask = (np.arange(width)[None, :] < lengths[:, None]).astype(np.int64)
+        pin = self.device.type == "cuda"
+        tensors = [torch.from_numpy(a) for a in (ids, mask, lengths)]
+        if pin:
+            tensors = [t.pin_memory() for t in tensors]
+        ids_t, mask_t, len_t = (t.to(self.device, non_blocking=pin) for t in tensors)
+        return ids_t, mask_t, len_t
+
+    def embed(self, batch: Sequence[Sequence[int]]) -> np.ndarray:
+        ids, mask, lengths = self._collate(batch)
+        with torch.inference_mode():
+            hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state
+            pooled = _pool(hidden, mask, lengths, self.pooling)
+        return pooled.to("cpu").numpy()
+
+    def warmup(self) -> None:
+        for n, length in ((1, 8), (8, 64)):
+            self.embed([[self._pad_id + 1] * length] * n)
+
+
+def default_threads() -> int:
+    return max(1, len(os.sched_getaffinity(0)))

@@ -1,0 +1,124 @@
+"""Cutting batches of sequences up to a token budget. Pure: no Redis, no model.
+
+Policy (better than strict FIFO, and starvation-free):
+- every batch contains the oldest waiting sequence, so nothing waits forever;
+- around it, the batch takes neighbours in token-length order, growing towards the
+  side that raises the batch's cost least, so lengths in a batch are close and padding
+  stays near zero when a backlog exists;
+- cost is ``longest × count`` for padded execution and ``sum of lengths`` for packed.
+"""
+
+from __future__ import annotations
+
+import bisect
+import heapq
+import itertools
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, kw_only=True)
+class BatchLimits:
+    max_batch_tokens: int = 16384
+    max_batch_size: int = 256
+    padded: bool = True
+
+    def __post_init__(self) -> None:
+        if self.max_batch_tokens < 1 or self.max_batch_size < 1:
+            raise ValueError("batch limits must be positive")
+
+
+@dataclass(order=True)
+class _Entry(Generic[T]):
+    length: int
+    seq: int
+    item: T = field(compare=False)
+
+
+@dataclass(frozen=True)
+class Batch(Generic[T]):
+    items: list[T]
+    lengths: list[int]
+
+    @property
+    def real_tokens(self) -> int:
+        return sum(self.lengths)
+
+    @property
+    def padded_tokens(self) -> int:
+        return max(self.lengths, default=0) * len(self.lengths)
+
+
+class Batcher(Generic[T]):
+    """Holds waiting sequences and cuts the next batch on demand."""
+
+    def __init__(self, limits: BatchLimits) -> None:
+        self._limits = limits
+        self._by_length: list[_Entry[T]] = []
+        self._by_age: list[int] = []  # heap of seq numbers, lazily cleaned
+        self._live: set[int] = set()
+        self._counter = itertools.count()
+        self._tokens = 0
+
+    def __len__(self) -> int:
+        return len(self._by_length)
+
+    @property
+    def pending_tokens(self) -> int:
+        return self._tokens
+
+    def add(self, item: T, length: int) -> None:
+        if length < 1:
+            raise ValueError("a sequence has at least one token")
+        seq = next(self._counter)
+        bisect.insort(self._by_length, _Entry(length, seq, item))
+        heapq.heappush(self._by_age, seq)
+        self._live.add(seq)
+        self._tokens += length
+
+    def _cost(self, lengths_max: int, lengths_sum: int, count: int) -> int:
+        return lengths_max * count if self._limits.padded else lengths_sum
+
+    def next_batch(self) -> Batch[T] | None:
+        if not self._by_length:
+            return None
+        while self._by_age[0] not in self._live:
+            heapq.heappop(self._by_age)
+        oldest = self._by_age[0]
+        entries = self._by_length
+        anchor = next(i for i, e in enumerate(entries) if e.seq == oldest)
+
+        lo = hi = anchor
+        total = entries[anchor].length
+        limits = self._limits
+        while hi - lo + 1 < limits.max_batch_size:
+            count = hi - lo + 2
+            # Sorted by length: the longest is always entries[hi] (or hi+1 when growing right).
+            left_cost = (
+                self._cost(entries[hi].length, total + entries[lo - 1].length, count)
+                if lo > 0
+                else None
+            )
+            right_cost = (
+                self._cost(entries[hi + 1].length, total + entries[hi + 1].length, count)
+                if hi + 1 < len(entries)
+                else None
+            )
+            options = [c for c in (left_cost, right_cost) if c is not None]
+            if not options or min(options) > limits.max_batch_tokens:
+                break
+            if right_cost is None or (left_cost is not None and left_cost <= right_cost):
+                lo -= 1
+                total += entries[lo].length
+            else:
+                hi += 1
+                total += entries[hi].length
+
+        chosen = entries[lo : hi + 1]
+        del entries[lo : hi + 1]
+        for e in chosen:
+            self._live.discard(e.seq)
+            self._tokens -= e.length
+        return Batch(items=[e.item for e in chosen], lengths=[e.length for e in chosen])

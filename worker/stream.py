@@ -1,0 +1,185 @@
+"""The worker's side of a model's request stream: every Redis command it sends.
+
+Delivery contract: at least once. A reply is written to the caller's stream before the
+request is acknowledged and deleted (XACK + XDEL, never trimming), so a crash in
+between yields a duplicate answer that the client drops, never a lost request.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import redis.asyncio as aioredis
+from redis.exceptions import ResponseError
+
+from embedq.common import keys
+from embedq.common.ids import now_ms
+
+log = logging.getLogger(__name__)
+
+# Renew only entries still owned by this consumer, so a lease that lapsed and was
+# taken by another worker is not stolen back.
+_RENEW_SCRIPT = """
+local owned = {}
+for i = 3, #ARGV do
+  local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1)
+  if p[1] and p[1][2] == ARGV[2] then
+    redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[i], 'JUSTID')
+    owned[#owned + 1] = ARGV[i]
+  end
+end
+return owned
+"""
+
+
+@dataclass(frozen=True)
+class Delivery:
+    entry_id: bytes
+    fields: dict[bytes, bytes]
+    deliveries: int = 1
+
+
+@dataclass(frozen=True)
+class OutgoingReply:
+    entry_id: bytes
+    reply_to: str
+    payload: bytes
+
+
+class JobStream:
+    def __init__(self, redis: aioredis.Redis, model: str, consumer: str, *, reply_ttl_s: int) -> None:
+        self.redis = redis
+        self.model = model
+        self.consumer = consumer
+        self.key = keys.jobs_stream(model)
+        self.dlq = keys.dead_letter_stream(model)
+        self.group = keys.WORKER_GROUP
+        self._reply_ttl_ms = reply_ttl_s * 1000
+        self._renew = redis.register_script(_RENEW_SCRIPT)
+
+    async def ensure_group(self) -> None:
+        """Create the group at id 0 (so jobs queued before any worker are served)."""
+        try:
+            await self.redis.xgroup_create(self.key, self.group, id="0", mkstream=True)
+            log.info("created consumer group %s on %s", self.group, self.key)
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    async def register(self, info: dict[str, str]) -> None:
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hset(keys.model_info_key(self.model), mapping=info)
+        pipe.sadd(keys.MODELS_SET, self.model)
+        await pipe.execute()
+
+    async def heartbeat(self, worker_id: str, *, stale_after_ms: int) -> None:
+        now = now_ms()
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.zadd(keys.workers_key(self.model), {worker_id: now})
+        pipe.zremrangebyscore(keys.workers_key(self.model), "-inf", now - stale_after_ms)
+        await pipe.execute()
+
+    async def leave(self, worker_id: str) -> None:
+        await self.redis.zrem(keys.workers_key(self.model), worker_id)
+
+    async def _read(self, start: str, count: int, block_ms: int | None) -> list[Delivery]:
+        try:
+            resp = await self.redis.xreadgroup(
+                self.group, self.consumer, {self.key: start}, count=count, block=block_ms
+            )
+        except ResponseError as exc:
+            if "NOGROUP" in str(exc) or "no longer exists" in str(exc):
+                log.warning("consumer group missing (Redis flushed or restarted): recreating")
+                await self.ensure_group()
+                return []
+            raise
+        out: list[Delivery] = []
+        for _stream, entries in resp or []:
+            for entry_id, fields in entries:
+                # A pending entry deleted meanwhile comes back with no fields.
+                if fields is not None:
+                    out.append(Delivery(entry_id, fields))
+        return out
+
+    async def read_new(self, count: int, block_ms: int) -> list[Delivery]:
+        return await self._read(">", count, block_ms)
+
+    async def read_own_pending(self, count: int = 256) -> list[Delivery]:
+        """Entries this consumer name already holds (a restarted worker with a stable name)."""
+        deliveries = await self._read("0", count, None)
+        return await self._with_counts(deliveries)
+
+    async def claim_idle(self, min_idle_ms: int, count: int = 64) -> list[Delivery]:
+        """Take over entries whose lease lapsed (their worker died or hung)."""
+        claimed: list[Delivery] = []
+        cursor = "0-0"
+        while len(claimed) < count:
+            resp = await self.redis.xautoclaim(
+                self.key, self.group, self.consumer, min_idle_ms, start_id=cursor, count=count
+            )
+            cursor = resp[0].decode() if isinstance(resp[0], bytes) else str(resp[0])
+            for entry_id, fields in resp[1]:
+                if fields is not None:
+                    claimed.append(Delivery(entry_id, fields))
+            if cursor == "0-0":
+                break
+        return await self._with_counts(claimed)
+
+    async def _with_counts(self, deliveries: Sequence[Delivery]) -> list[Delivery]:
+        if not deliveries:
+            return []
+        ids = sorted((d.entry_id for d in deliveries), key=_id_key)
+        rows = await self.redis.xpending_range(
+            self.key, self.group, min=ids[0], max=ids[-1], count=len(ids) * 4 + 16,
+            consumername=self.consumer,
+        )
+        counts = {r["message_id"]: int(r["times_delivered"]) for r in rows}
+        return [Delivery(d.entry_id, d.fields, counts.get(d.entry_id, 1)) for d in deliveries]
+
+    async def renew(self, entry_ids: Iterable[bytes]) -> set[bytes]:
+        """Reset the idle time of entries we still own; returns those we own."""
+        ids = list(entry_ids)
+        if not ids:
+            return set()
+        owned = await self._renew(keys=[self.key], args=[self.group, self.consumer, *ids])
+        return {x if isinstance(x, bytes) else str(x).encode() for x in owned}
+
+    async def reply_and_ack(self, replies: Sequence[OutgoingReply]) -> None:
+        """Write replies, then acknowledge and delete their requests."""
+        if not replies:
+            return
+        pipe = self.redis.pipeline(transaction=False)
+        for r in replies:
+            pipe.xadd(r.reply_to, {keys.REPLY_FIELD: r.payload})
+            pipe.pexpire(r.reply_to, self._reply_ttl_ms)
+        await pipe.execute()
+        await self.ack([r.entry_id for r in replies])
+
+    async def ack(self, entry_ids: Sequence[bytes]) -> None:
+        if not entry_ids:
+            return
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.xack(self.key, self.group, *entry_ids)
+        pipe.xdel(self.key, *entry_ids)
+        await pipe.execute()
+
+    async def dead_letter(self, delivery: Delivery, reason: str) -> None:
+        """Move an entry to the dead-letter stream with why, then remove it."""
+        fields: dict[bytes | str, bytes | str] = {
+            b"entry_id": delivery.entry_id,
+            b"reason": reason.encode("utf-8", "replace")[:4096],
+            b"deliveries": str(delivery.deliveries).encode(),
+            b"consumer": self.consumer.encode(),
+            b"at_ms": str(now_ms()).encode(),
+        }
+        for name, value in delivery.fields.items():
+            fields[b"f:" + (name if isinstance(name, bytes) else str(name).encode())] = value
+        await self.redis.xadd(self.dlq, fields)
+        await self.ack([delivery.entry_id])
+
+
+def _id_key(entry_id: bytes) -> tuple[int, int]:
+    ms, _, seq = entry_id.decode().partition("-")
+    return int(ms), int(seq or 0)
