@@ -9,6 +9,7 @@ from collections.abc import AsyncIterable, AsyncIterator, Iterable, Sequence
 from typing import Any, Literal
 
 import numpy as np
+from pydantic import ValidationError as PydanticValidationError
 from redis.exceptions import RedisError
 
 from embedq.common import keys
@@ -20,6 +21,7 @@ from embedq.common.errors import (
     ProtocolError,
     QueueUnavailableError,
     RequestTimeoutError,
+    ValidationError,
     error_from_wire,
 )
 from embedq.common.ids import new_client_id, new_request_id, now_ms
@@ -120,20 +122,27 @@ class AsyncClient:
         model = keys.check_model_name(model or self.model)
         timeout = self.timeout if timeout is None else timeout
         created = now_ms()
-        job = Job(
-            id=new_request_id(),
-            kind=kind,
-            model=model,
-            inputs=inputs,
-            params=params,
-            reply_to=self._reader.stream,
-            created_ms=created,
-            deadline_ms=created + int(timeout * 1000) if timeout > 0 else 0,
-        )
-        waiter = self._reader.expect(job.id)
         try:
+            job = Job(
+                id=new_request_id(),
+                kind=kind,
+                model=model,
+                inputs=inputs,
+                params=params,
+                reply_to=self._reader.stream,
+                created_ms=created,
+                deadline_ms=created + int(timeout * 1000) if timeout > 0 else 0,
+            )
+        except PydanticValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first["loc"])
+            raise ValidationError(f"invalid request: {where}: {first['msg']}") from None
+        waiter = self._reader.expect(job.id)
+        submitter = self._submitter
+
+        async def round_trip() -> Reply:
             try:
-                queued = await self._submitter.submit(keys.jobs_stream(model), pack_job(job))
+                queued = await submitter.submit(keys.jobs_stream(model), pack_job(job))
             except RedisError as exc:
                 raise QueueUnavailableError(f"cannot enqueue to Redis: {exc}") from exc
             if not queued:
@@ -141,12 +150,15 @@ class AsyncClient:
                     f"model {model!r} is not served: no worker has registered its stream "
                     f"{keys.jobs_stream(model)!r} on this Redis"
                 )
-            try:
-                return await asyncio.wait_for(waiter, timeout if timeout > 0 else None)
-            except asyncio.TimeoutError:
-                raise RequestTimeoutError(
-                    f"no reply for request {job.id} to model {model!r} within {timeout:g}s"
-                ) from None
+            return await waiter
+
+        try:
+            # The deadline covers the enqueue too: a stalled Redis cannot hang a caller.
+            return await asyncio.wait_for(round_trip(), timeout if timeout > 0 else None)
+        except asyncio.TimeoutError:
+            raise RequestTimeoutError(
+                f"no reply for request {job.id} to model {model!r} within {timeout:g}s"
+            ) from None
         finally:
             self._reader.forget(job.id)
 
@@ -170,13 +182,17 @@ class AsyncClient:
         inputs = _as_inputs(texts)
         if not inputs:
             raise EmptyInputError("Batch is empty")
-        params = EmbedParams(
-            normalize=normalize,
-            truncate=truncate,
-            truncation_direction=truncation_direction,
-            prompt_name=prompt_name,
-            dimensions=dimensions,
-        ).model_dump(exclude_defaults=True)
+        try:
+            params = EmbedParams(
+                normalize=normalize,
+                truncate=truncate,
+                truncation_direction=truncation_direction,
+                prompt_name=prompt_name,
+                dimensions=dimensions,
+            ).model_dump(exclude_defaults=True)
+        except PydanticValidationError as exc:
+            first = exc.errors()[0]
+            raise ValidationError(f"invalid parameter {first['loc'][0]}: {first['msg']}") from None
         reply = await self.request("embed", inputs, params, model=model, timeout=timeout)
         return embeddings_of(reply)
 

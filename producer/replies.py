@@ -13,6 +13,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from embedq.common import keys
+from embedq.common.aio import cancel_tasks
 from embedq.common.errors import ProtocolError
 from embedq.common.wire import Reply, unpack_reply
 
@@ -30,15 +31,16 @@ class ReplyReader:
         self._last_id = b"0-0"
         self._task: asyncio.Task[None] | None = None
         self._since_trim = 0
+        self._closing = False
         self.duplicates_dropped = 0
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="embedq-replies")
 
     async def close(self) -> None:
+        self._closing = True
         if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+            await cancel_tasks([self._task])
             self._task = None
         for fut in self._waiters.values():
             if not fut.done():
@@ -59,7 +61,7 @@ class ReplyReader:
 
     async def _run(self) -> None:
         backoff = 0.1
-        while True:
+        while not self._closing:
             try:
                 resp = await self._redis.xread({self.stream: self._last_id}, count=512, block=BLOCK_MS)
                 backoff = 0.1

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import redis.asyncio as aioredis
 
 from embedq.common import keys
+from embedq.common.aio import cancel_tasks
 
 log = logging.getLogger(__name__)
 
@@ -32,14 +33,15 @@ class Submitter:
         self._redis = redis
         self._queue: asyncio.Queue[_Submission] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
+        self._closing = False
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="embedq-submitter")
 
     async def close(self) -> None:
+        self._closing = True
         if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+            await cancel_tasks([self._task])
             self._task = None
         while not self._queue.empty():
             sub = self._queue.get_nowait()
@@ -53,7 +55,7 @@ class Submitter:
         return await fut
 
     async def _run(self) -> None:
-        while True:
+        while not self._closing:
             batch = [await self._queue.get()]
             while not self._queue.empty() and len(batch) < MAX_PIPELINE:
                 batch.append(self._queue.get_nowait())

@@ -26,6 +26,7 @@ from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from embedq.common import keys
+from embedq.common.aio import cancel_tasks
 from embedq.common.codec import DecodeLimits, decode
 from embedq.common.errors import (
     BackendError,
@@ -82,6 +83,8 @@ class Worker:
         self._room.set()
         self._replies: asyncio.Queue[ActiveJob] = asyncio.Queue()
         self._stopping = asyncio.Event()
+        # Set after the drain: housekeeping loops end even if a cancel is swallowed.
+        self._closing = False
         self._reader_done = asyncio.Event()
         self._tok_pool = ThreadPoolExecutor(1, thread_name_prefix="embedq-tokenize")
         self._infer_pool = ThreadPoolExecutor(1, thread_name_prefix="embedq-infer")
@@ -111,9 +114,8 @@ class Worker:
             await asyncio.gather(self._reader_loop(), self._engine_loop())
             await self._replies.join()
         finally:
-            for task in (*background, replier):
-                task.cancel()
-            await asyncio.gather(*background, replier, return_exceptions=True)
+            self._closing = True
+            await cancel_tasks([*background, replier])
             try:
                 await self.stream.leave(self.name)
             except RedisError:
@@ -338,7 +340,7 @@ class Worker:
             await self._replies.put(job)
 
     async def _replier_loop(self) -> None:
-        while True:
+        while not self._closing:
             jobs = [await self._replies.get()]
             while not self._replies.empty() and len(jobs) < 256:
                 jobs.append(self._replies.get_nowait())
@@ -364,7 +366,7 @@ class Worker:
     async def _retry(self, make_call) -> None:  # type: ignore[no-untyped-def]
         """Redis writes that must happen: retry with backoff until they do."""
         backoff = 0.1
-        while True:
+        while not self._closing:
             try:
                 await make_call()
                 return
@@ -381,18 +383,18 @@ class Worker:
 
     # ---------------------------------------------------------------- housekeeping
     async def _heartbeat_loop(self) -> None:
-        while True:
+        while not self._closing:
             await asyncio.sleep(self.config.heartbeat_s)
             await self._safe(self.stream.heartbeat(self.name, stale_after_ms=self._stale_ms()))
 
     async def _lease_loop(self) -> None:
-        while True:
+        while not self._closing:
             await asyncio.sleep(self.config.lease_ms / 3000)
             if self.active:
                 await self._safe(self.stream.renew(list(self.active)))
 
     async def _reclaim_loop(self) -> None:
-        while True:
+        while not self._closing:
             if not self._stopping.is_set():
                 try:
                     claimed = await self.stream.claim_idle(self.config.lease_ms)

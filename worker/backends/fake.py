@@ -7,6 +7,7 @@ the token ids. Same text in, same vector out, in any process.
 from __future__ import annotations
 
 import hashlib
+import os
 import time
 from collections.abc import Sequence
 
@@ -18,6 +19,9 @@ from embedq.worker.tokenization import EncodeOptions, too_long
 
 _VOCAB = 30522
 _CLS, _SEP = 101, 102
+# Words that make the fake model fail, so tests can send poison through the real queue.
+RAISE_WORD = "EMBEDQ_FAKE_RAISE"
+CRASH_WORD = "EMBEDQ_FAKE_CRASH"
 
 
 class FakeTokenizer:
@@ -25,7 +29,8 @@ class FakeTokenizer:
         self.max_input_length = max_input_length
         self.vocab_size = _VOCAB
 
-    def _word_id(self, word: str) -> int:
+    @staticmethod
+    def _word_id(word: str) -> int:
         digest = hashlib.blake2b(word.encode("utf-8"), digest_size=4).digest()
         return 1000 + int.from_bytes(digest, "little") % (_VOCAB - 1000)
 
@@ -58,8 +63,15 @@ class FakeBackend:
             prompts={"query": "query: ", "passage": "passage: "},
         )
         self._delay_per_token = config.fake_delay_us_per_token / 1e6
+        self._raise_id = FakeTokenizer._word_id(RAISE_WORD)
+        self._crash_id = FakeTokenizer._word_id(CRASH_WORD)
 
     def embed(self, batch: Sequence[Sequence[int]]) -> np.ndarray:
+        for ids in batch:
+            if self._crash_id in ids:
+                os._exit(17)  # a segfault-like death: no cleanup, no reply
+            if self._raise_id in ids:
+                raise RuntimeError("poison input")
         out = np.empty((len(batch), self.dim), dtype=np.float32)
         for row, ids in enumerate(batch):
             seed = hashlib.blake2b(np.asarray(ids, dtype=np.int64).tobytes(), digest_size=8)

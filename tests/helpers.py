@@ -1,0 +1,80 @@
+"""Processes the tests drive: real redis-server and real worker subprocesses."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import redis
+
+from embedq.common import keys
+
+MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+
+
+@dataclass
+class WorkerProcess:
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+
+    def kill(self) -> None:
+        """SIGKILL, as in a crash."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(timeout=30)
+
+    def stop(self, timeout: float = 60) -> int:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+        return self.proc.wait(timeout=timeout)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+def start_worker(
+    redis_url: str,
+    tmp_dir: Path,
+    *args: str,
+    model: str = MODEL,
+    wait: bool = True,
+    timeout: float = 120,
+) -> WorkerProcess:
+    """Start `embedq worker` as a child process and wait for its first heartbeat."""
+    log_path = tmp_dir / f"worker-{time.monotonic_ns()}.log"
+    cmd = [sys.executable, "-m", "embedq", "worker", "--redis-url", redis_url, *args]
+    if "--served-model-name" not in args and "--backend" in args and "fake" in args:
+        cmd += ["--served-model-name", model]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    with open(log_path, "wb") as log_file:
+        proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env)
+    worker = WorkerProcess(proc, log_path)
+    if wait:
+        wait_for_workers(redis_url, model, 1, worker, timeout)
+    return worker
+
+
+def live_workers(redis_url: str, model: str) -> int:
+    client = redis.Redis.from_url(redis_url)
+    try:
+        return int(client.zcard(keys.workers_key(model)))
+    finally:
+        client.close()
+
+
+def wait_for_workers(
+    redis_url: str, model: str, count: int, worker: WorkerProcess | None = None, timeout: float = 120
+) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if worker is not None and worker.proc.poll() is not None:
+            raise RuntimeError(f"worker exited at start:\n{worker.log()[-4000:]}")
+        if live_workers(redis_url, model) >= count:
+            return
+        time.sleep(0.1)
+    raise TimeoutError("worker did not register in time")

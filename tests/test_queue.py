@@ -1,0 +1,273 @@
+"""Queue mechanics with the fake backend: real redis-server, real worker processes."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from pathlib import Path
+
+import msgpack
+import numpy as np
+import pytest
+import redis
+
+from embedq import AsyncClient, BackendError, Client, ModelNotServedError, RequestTimeoutError, ValidationError
+from embedq.common import keys
+from embedq.common.ids import now_ms
+from embedq.common.wire import Job, pack_job, unpack_reply
+from embedq.redis_server import RedisServer
+from embedq.worker.backends.fake import CRASH_WORD, RAISE_WORD
+
+from .helpers import MODEL, start_worker, wait_for_workers
+
+FAKE = ("--backend", "fake")
+
+
+def _dlq(url: str) -> list:
+    return redis.Redis.from_url(url).xrange(keys.dead_letter_stream(MODEL))
+
+
+async def test_embed_through_fake_worker(redis_server: RedisServer, tmp_path: Path) -> None:
+    worker = start_worker(redis_server.url, tmp_path, *FAKE)
+    try:
+        async with AsyncClient(redis_server.url, model=MODEL, timeout=10) as c:
+            a = await c.embed(["alpha beta", "gamma"])
+            b = await c.embed("alpha beta")
+        assert a.shape == (2, 384) and a.dtype == np.float32
+        np.testing.assert_array_equal(a[0], b[0])  # deterministic by content
+        np.testing.assert_allclose(np.linalg.norm(a, axis=1), 1.0, rtol=1e-5)
+    finally:
+        assert worker.stop() == 0
+
+
+async def test_model_not_served_is_a_clear_error(redis_server: RedisServer) -> None:
+    async with AsyncClient(redis_server.url, model="no/such-model", timeout=2) as c:
+        with pytest.raises(ModelNotServedError, match="no/such-model"):
+            await c.embed("x")
+    # NOMKSTREAM: nothing was created.
+    assert not redis.Redis.from_url(redis_server.url).exists(keys.jobs_stream("no/such-model"))
+
+
+async def test_timeout_when_no_worker_answers(redis_server: RedisServer) -> None:
+    r = redis.Redis.from_url(redis_server.url)
+    r.xgroup_create(keys.jobs_stream(MODEL), keys.WORKER_GROUP, id="0", mkstream=True)
+    async with AsyncClient(redis_server.url, model=MODEL) as c:
+        start = time.monotonic()
+        with pytest.raises(RequestTimeoutError):
+            await c.embed("x", timeout=0.5)
+        assert time.monotonic() - start < 3
+
+
+async def test_expired_job_answered_without_compute(redis_server: RedisServer, tmp_path: Path) -> None:
+    worker = start_worker(redis_server.url, tmp_path, *FAKE)
+    r = redis.Redis.from_url(redis_server.url)
+    try:
+        job = Job(id="late-1", kind="embed", model=MODEL, inputs=["x"], reply_to="embedq:reply:t1",
+                  created_ms=now_ms() - 5000, deadline_ms=now_ms() - 1000)
+        r.xadd(keys.jobs_stream(MODEL), {keys.JOB_FIELD: pack_job(job)})
+        resp = r.xread({"embedq:reply:t1": "0-0"}, block=5000)
+        reply = unpack_reply(resp[0][1][0][1][keys.REPLY_FIELD])
+        assert not reply.ok and reply.error is not None and reply.error.code == "timeout"
+        assert reply.meta is not None and reply.meta.tokens == 0 and reply.meta.infer_ms == 0
+        time.sleep(0.2)
+        assert r.xlen(keys.jobs_stream(MODEL)) == 0  # acked and deleted
+    finally:
+        worker.stop()
+
+
+async def test_garbage_entries_dead_lettered_and_worker_keeps_serving(redis_server: RedisServer, tmp_path: Path) -> None:
+    worker = start_worker(redis_server.url, tmp_path, *FAKE)
+    r = redis.Redis.from_url(redis_server.url)
+    stream = keys.jobs_stream(MODEL)
+    try:
+        r.xadd(stream, {keys.JOB_FIELD: b"\xc1\xff garbage"})
+        r.xadd(stream, {b"other": b"no job field"})
+        r.xadd(stream, {keys.JOB_FIELD: msgpack.packb({"id": "g1", "reply_to": "embedq:reply:t2", "kind": "nope"})})
+        hostile = Job(id="g2", kind="embed", model=MODEL, inputs=["x"], reply_to="someone:else:key", created_ms=now_ms())
+        r.xadd(stream, {keys.JOB_FIELD: pack_job(hostile)})
+        r.xadd(stream, {keys.JOB_FIELD: b"\x91" * 5000})
+        async with AsyncClient(redis_server.url, model=MODEL, timeout=10) as c:
+            assert (await c.embed("still serving")).shape == (1, 384)
+        deadline = time.monotonic() + 5
+        while len(_dlq(redis_server.url)) < 5 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        dead = _dlq(redis_server.url)
+        assert len(dead) == 5
+        reasons = [fields[b"reason"].decode() for _, fields in dead]
+        assert any("no job field" in x for x in reasons)
+        assert any("not a reply stream" in x for x in reasons)
+        # The caller that could be identified got a typed error instead of a timeout.
+        resp = r.xread({"embedq:reply:t2": "0-0"}, block=2000)
+        reply = unpack_reply(resp[0][1][0][1][keys.REPLY_FIELD])
+        assert reply.id == "g1" and reply.error is not None and reply.error.code == "protocol"
+        assert not r.exists("someone:else:key")
+        assert r.xlen(stream) == 0
+        assert worker.proc.poll() is None
+    finally:
+        worker.stop()
+
+
+async def test_thousand_concurrent_requests_use_few_connections(redis_server: RedisServer, tmp_path: Path) -> None:
+    worker = start_worker(redis_server.url, tmp_path, *FAKE)
+    admin = redis.Redis.from_url(redis_server.url)
+    peak = 0
+    done = threading.Event()
+
+    def watch() -> None:
+        nonlocal peak
+        while not done.is_set():
+            clients = admin.client_list()
+            peak = max(peak, sum(1 for c in clients if c.get("name", "").startswith("embedq-sdk")))
+            time.sleep(0.01)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        async with AsyncClient(redis_server.url, model=MODEL, timeout=60) as c:
+            texts = [f"text number {i}" for i in range(1000)]
+            results = await asyncio.gather(*(c.embed(t) for t in texts))
+            again = await c.embed(texts[:50])
+        np.testing.assert_array_equal(np.concatenate(results[:50]), again)
+    finally:
+        done.set()
+        watcher.join()
+        worker.stop()
+    assert 0 < peak < 20, peak
+
+
+async def test_embed_many_keeps_order_and_bounds_in_flight(redis_server: RedisServer, tmp_path: Path) -> None:
+    worker = start_worker(redis_server.url, tmp_path, *FAKE)
+    try:
+        async with AsyncClient(redis_server.url, model=MODEL, timeout=30) as c:
+            texts = [f"passage {i} " + "w " * (i % 50) for i in range(500)]
+            peak = 0
+            chunks = []
+            async for arr in c.embed_many(iter(texts), chunk_size=7, max_in_flight=3):
+                assert c._reader is not None
+                peak = max(peak, c._reader.in_flight)
+                chunks.append(arr)
+            got = np.concatenate(chunks)
+            want = await c.embed(texts)
+        assert got.shape == (500, 384)
+        np.testing.assert_array_equal(got, want)
+        assert peak <= 3
+    finally:
+        worker.stop()
+
+
+def test_sync_client(redis_server: RedisServer, tmp_path: Path) -> None:
+    worker = start_worker(redis_server.url, tmp_path, *FAKE)
+    try:
+        with Client(redis_server.url, model=MODEL, timeout=10) as c:
+            v = c.embed(["a b", "c"], dimensions=16)
+            assert v.shape == (2, 16)
+            np.testing.assert_allclose(np.linalg.norm(v, axis=1), 1.0, rtol=1e-5)
+            parts = list(c.embed_many((f"t{i}" for i in range(20)), chunk_size=6))
+            assert [p.shape[0] for p in parts] == [6, 6, 6, 2]
+            with pytest.raises(ValidationError, match="dimensions"):
+                c.embed("x", dimensions=0)
+            with pytest.raises(ValidationError, match="embedding size"):
+                c.embed("x", dimensions=1000)
+    finally:
+        worker.stop()
+
+
+async def test_poison_input_fails_only_its_own_job(redis_server: RedisServer, tmp_path: Path) -> None:
+    worker = start_worker(redis_server.url, tmp_path, *FAKE)
+    try:
+        async with AsyncClient(redis_server.url, model=MODEL, timeout=10) as c:
+            good = [c.embed(f"innocent {i}") for i in range(20)]
+            bad = c.embed(["fine", f"this is {RAISE_WORD}"])
+            results = await asyncio.gather(*good, bad, return_exceptions=True)
+        assert all(isinstance(r, np.ndarray) for r in results[:-1])
+        assert isinstance(results[-1], BackendError) and "poison" in str(results[-1])
+        assert worker.proc.poll() is None
+    finally:
+        worker.stop()
+
+
+async def test_input_that_crashes_workers_is_dead_lettered(redis_server: RedisServer, tmp_path: Path) -> None:
+    """A job that kills every worker that takes it ends in the DLQ with an error reply."""
+    args = (*FAKE, "--consumer-name", "w-stable", "--max-deliveries", "2", "--lease-ms", "1000")
+    worker = start_worker(redis_server.url, tmp_path, *args)
+    restarts = 0
+    async with AsyncClient(redis_server.url, model=MODEL, timeout=60) as c:
+        task = asyncio.create_task(c.embed(f"boom {CRASH_WORD}"))
+        while not task.done():
+            if worker.proc.poll() is not None:
+                assert worker.proc.returncode == 17
+                restarts += 1
+                assert restarts <= 4
+                worker = start_worker(redis_server.url, tmp_path, *args, wait=False)
+            await asyncio.sleep(0.1)
+        with pytest.raises(BackendError, match="deliveries"):
+            await task
+        assert (await c.embed("healthy again")).shape == (1, 384)
+    worker.stop()
+    assert restarts == 2
+    dead = _dlq(redis_server.url)
+    assert len(dead) == 1 and int(dead[0][1][b"deliveries"]) == 3
+
+
+@pytest.mark.parametrize("stable_name", [True, False], ids=["same-consumer-name", "new-consumer-name"])
+async def test_kill_9_mid_load_then_restart_loses_nothing(
+    redis_server: RedisServer, tmp_path: Path, stable_name: bool
+) -> None:
+    # Slow fake inference so that work is in flight when the worker dies.
+    args = [*FAKE, "--fake-delay-us-per-token", "2000", "--lease-ms", "2000", "--max-batch-requests", "8"]
+    if stable_name:
+        args += ["--consumer-name", "w-restart"]
+    worker = start_worker(redis_server.url, tmp_path, *args)
+    n = 200
+    async with AsyncClient(redis_server.url, model=MODEL, timeout=120) as c:
+        tasks = [asyncio.create_task(c.embed(f"request {i} " + "x " * (i % 9))) for i in range(n)]
+        await asyncio.sleep(1.0)
+        pending = redis.Redis.from_url(redis_server.url).xpending(keys.jobs_stream(MODEL), keys.WORKER_GROUP)
+        assert pending["pending"] > 0  # work was in flight at the kill
+        worker.kill()
+        answered_before = sum(t.done() for t in tasks)
+        assert answered_before < n
+        worker = start_worker(redis_server.url, tmp_path, *args)
+        results = await asyncio.gather(*tasks)
+        check = await c.embed([f"request {i} " + "x " * (i % 9) for i in range(n)])
+    worker.stop()
+    assert len(results) == n
+    np.testing.assert_array_equal(np.concatenate(results), check)
+    r = redis.Redis.from_url(redis_server.url)
+    assert r.xlen(keys.jobs_stream(MODEL)) == 0
+    assert r.xpending(keys.jobs_stream(MODEL), keys.WORKER_GROUP)["pending"] == 0
+
+
+async def test_two_workers_share_one_stream(redis_server: RedisServer, tmp_path: Path) -> None:
+    w1 = start_worker(redis_server.url, tmp_path, *FAKE, "--fake-delay-us-per-token", "200")
+    w2 = start_worker(redis_server.url, tmp_path, *FAKE, "--fake-delay-us-per-token", "200")
+    wait_for_workers(redis_server.url, MODEL, 2)
+    try:
+        async with AsyncClient(redis_server.url, model=MODEL, timeout=60) as c:
+            replies = await asyncio.gather(
+                *(c.request("embed", [f"t {i} " + "w " * 30], {}) for i in range(300))
+            )
+        workers = {r.meta.worker for r in replies if r.meta}
+        assert all(r.ok for r in replies)
+        assert len(workers) == 2
+    finally:
+        w1.stop()
+        w2.stop()
+
+
+async def test_graceful_stop_answers_what_it_read(redis_server: RedisServer, tmp_path: Path) -> None:
+    worker = start_worker(redis_server.url, tmp_path, *FAKE, "--fake-delay-us-per-token", "500")
+    async with AsyncClient(redis_server.url, model=MODEL, timeout=30) as c:
+        tasks = [asyncio.create_task(c.embed(f"t {i} " + "w " * 20)) for i in range(60)]
+        await asyncio.sleep(0.5)
+        code = await asyncio.get_running_loop().run_in_executor(None, worker.stop)
+        assert code == 0
+        r = redis.Redis.from_url(redis_server.url)
+        pending = r.xpending(keys.jobs_stream(MODEL), keys.WORKER_GROUP)["pending"]
+        assert pending == 0  # nothing left leased to the stopped worker
+        assert r.zcard(keys.workers_key(MODEL)) == 0  # it left the live set
+        worker = start_worker(redis_server.url, tmp_path, *FAKE)
+        results = await asyncio.gather(*tasks)
+    worker.stop()
+    assert len(results) == 60
