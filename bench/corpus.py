@@ -62,10 +62,7 @@ def main() -> None:
     counts = [len(text.split()) for text in corpus]
     print(f"passages: {len(corpus)}")
     if counts:
-        print(
-            f"words per passage: min {min(counts)}, mean {statistics.fmean(counts):.1f}, "
-            f"max {max(counts)}"
-        )
+        print(f"words per passage: min {min(counts)}, mean {statistics.fmean(counts):.1f}, max {max(counts)}")
     print(f"total words: {sum(counts)}")
     print(f"fingerprint: {fingerprint(corpus)}")
 

@@ -133,6 +133,36 @@ def run_sentence_transformers(
     return Run("sentence-transformers", len(corpus), elapsed), np.asarray(vectors), tokens
 
 
+def run_in_process(corpus: list[str], args: argparse.Namespace) -> Run:
+    """embedq's own torch backend without the queue: token-sorted batches, same dtype.
+
+    The best in-process run of the same model and dtype; embedq / this = the queue's cost.
+    """
+    import gc
+
+    from embedq.worker.backends.torch_backend import TorchBackend
+    from embedq.worker.config import WorkerConfig, resolve_model
+    from embedq.worker.tokenization import EncodeOptions
+
+    model_id, path = resolve_model(None, "torch")
+    config = WorkerConfig(
+        model_id=model_id, model_path=path, served_model_name=model_id, dtype=args.dtype, threads=args.threads
+    )
+    backend = TorchBackend(config)
+    backend.warmup()
+    options = EncodeOptions(truncate=True, direction="right", prompt=None)
+    start = time.perf_counter()
+    ids = backend.tokenizer.encode(corpus, options)
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    size = args.max_batch_requests
+    for i in range(0, len(order), size):
+        backend.embed([ids[j] for j in order[i : i + size]])
+    elapsed = time.perf_counter() - start
+    del backend
+    gc.collect()
+    return Run("in-process torch", len(corpus), elapsed)
+
+
 def tokens_without_st(corpus: list[str], path: str) -> list[int]:
     """The same count from the same tokenizer, when the ST run is skipped."""
     from transformers import AutoTokenizer
@@ -144,12 +174,20 @@ def tokens_without_st(corpus: list[str], path: str) -> list[int]:
 # ---------------------------------------------------------------- embedq
 def start_worker(url: str, args: argparse.Namespace, log_path: Path) -> subprocess.Popen[bytes]:
     cmd = [
-        sys.executable, "-m", "embedq", "worker",
-        "--redis-url", url,
-        "--dtype", args.dtype,
-        "--max-batch-tokens", str(args.max_batch_tokens),
-        "--max-batch-requests", str(args.max_batch_requests),
-        "--threads", str(args.threads),
+        sys.executable,
+        "-m",
+        "embedq",
+        "worker",
+        "--redis-url",
+        url,
+        "--dtype",
+        args.dtype,
+        "--max-batch-tokens",
+        str(args.max_batch_tokens),
+        "--max-batch-requests",
+        str(args.max_batch_requests),
+        "--threads",
+        str(args.threads),
     ]
     log = log_path.open("wb")
     try:
@@ -167,9 +205,7 @@ def wait_for_worker(url: str, proc: subprocess.Popen[bytes], log_path: Path) -> 
             if proc.poll() is not None:
                 raise RuntimeError(f"worker exited with {proc.returncode}:\n{tail(log_path)}")
             if time.monotonic() > deadline:
-                raise RuntimeError(
-                    f"worker not ready after {WORKER_READY_TIMEOUT_S:g}s:\n{tail(log_path)}"
-                )
+                raise RuntimeError(f"worker not ready after {WORKER_READY_TIMEOUT_S:g}s:\n{tail(log_path)}")
             time.sleep(0.2)
         dtype = client.hget(INFO_KEY, "dtype")
         return dtype.decode() if isinstance(dtype, bytes) else "unknown"
@@ -231,6 +267,9 @@ def run_embedq(corpus: list[str], args: argparse.Namespace) -> tuple[Run, np.nda
         finally:
             if proc is not None:
                 stop_worker(proc)
+                for line in log_path.read_text(errors="replace").splitlines():
+                    if "padding efficiency" in line:
+                        print("  " + line.split(": ", 1)[-1], flush=True)
             server.stop()
 
 
@@ -258,19 +297,28 @@ def print_summary(report: dict[str, Any], runs: list[Run]) -> None:
     q = report.get("quality")
     rows = [
         ("corpus", f"{corpus['passages']} passages, fingerprint {corpus['fingerprint']}"),
-        ("tokens", f"{corpus['tokens_total']} total, {corpus['tokens_mean']:.1f} mean "
-                   f"(capped at 256)"),
+        ("tokens", f"{corpus['tokens_total']} total, {corpus['tokens_mean']:.1f} mean (capped at 256)"),
         ("worker dtype", f"{report['worker_dtype']} (requested {cfg['dtype']})"),
         ("worker start", f"{report['worker_startup_s']:.1f}s"),
         ("cosine vs ST", f"min {q['min']:.6f}, mean {q['mean']:.6f}" if q else "skipped"),
+        (
+            "embedq / in-process",
+            f"{report['ratio_vs_in_process']:.2f} (the queue's cost)"
+            if "ratio_vs_in_process" in report
+            else "skipped",
+        ),
         ("threads", str(cfg["threads"])),
         ("ST batch size", str(cfg["batch_size"])),
         ("embed_many", f"chunk_size {cfg['chunk_size']}, max_in_flight {cfg['max_in_flight']}"),
-        ("worker batching", f"max_batch_tokens {cfg['max_batch_tokens']}, "
-                            f"max_batch_requests {cfg['max_batch_requests']}"),
+        (
+            "worker batching",
+            f"max_batch_tokens {cfg['max_batch_tokens']}, max_batch_requests {cfg['max_batch_requests']}",
+        ),
         ("cpu", f"{cpu['model']} ({cpu['cores']} cores)"),
-        ("cpu bf16", f"avx512_bf16 {'yes' if cpu['avx512_bf16'] else 'no'}, "
-                     f"amx {' '.join(cpu['amx']) or 'no'}"),
+        (
+            "cpu bf16",
+            f"avx512_bf16 {'yes' if cpu['avx512_bf16'] else 'no'}, amx {' '.join(cpu['amx']) or 'no'}",
+        ),
     ]
     rows += [(name, version) for name, version in report["versions"].items()]
     width = max(len(k) for k, _ in rows)
@@ -281,15 +329,24 @@ def print_summary(report: dict[str, Any], runs: list[Run]) -> None:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--n", type=int, default=4000, help="passages in the corpus")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="the worker's --dtype")
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="the worker's --dtype",
+    )
     p.add_argument("--batch-size", type=int, default=32, help="sentence-transformers batch size")
     p.add_argument("--chunk-size", type=int, default=64, help="embed_many chunk size")
     p.add_argument("--max-in-flight", type=int, default=16, help="embed_many chunks outstanding")
     p.add_argument("--max-batch-tokens", type=int, default=16384)
-    p.add_argument("--max-batch-requests", type=int, default=64)
-    p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
-                   help="torch threads for both runs (default: all cores)")
+    p.add_argument("--max-batch-requests", type=int, default=16, help="the worker's CPU default")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=len(os.sched_getaffinity(0)),
+        help="torch threads for both runs (default: all cores)",
+    )
+    p.add_argument("--skip-in-process", action="store_true", help="skip the in-process torch run")
     p.add_argument("--skip-st", action="store_true", help="skip the sentence-transformers run")
     p.add_argument("--json-out", type=Path, default=None, help="also write the results here")
     args = p.parse_args(argv)
@@ -311,12 +368,17 @@ def main(argv: list[str] | None = None) -> int:
         tokens = tokens_without_st(corpus, path)
     else:
         print("sentence-transformers ...", flush=True)
-        st_run, st_vectors, tokens = run_sentence_transformers(
-            corpus, path, args.threads, args.batch_size
-        )
+        st_run, st_vectors, tokens = run_sentence_transformers(corpus, path, args.threads, args.batch_size)
         runs.append(st_run)
         print(f"  {st_run.rate:.1f} sentences/s", flush=True)
     print(f"tokens: {sum(tokens)} total, {statistics.fmean(tokens):.1f} mean", flush=True)
+
+    ip_run: Run | None = None
+    if not args.skip_in_process:
+        print("in-process torch (embedq backend, sorted, no queue) ...", flush=True)
+        ip_run = run_in_process(corpus, args)
+        runs.append(ip_run)
+        print(f"  {ip_run.rate:.1f} sentences/s", flush=True)
 
     print("embedq ...", flush=True)
     eq_run, eq_vectors, dtype, startup_s = run_embedq(corpus, args)
@@ -347,6 +409,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     if st_vectors is not None:
         report["ratio_vs_st"] = eq_run.rate / runs[0].rate
+    if ip_run is not None:
+        report["ratio_vs_in_process"] = eq_run.rate / ip_run.rate
     print_summary(report, runs)
 
     if args.json_out is not None:

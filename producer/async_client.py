@@ -79,7 +79,9 @@ class AsyncClient:
             return
         self._redis = connect(self._settings, name=f"embedq-sdk:{self.client_id}")
         # The blocking XREAD gets a connection of its own.
-        self._reader_redis = connect(self._settings, name=f"embedq-sdk-replies:{self.client_id}", max_connections=1)
+        self._reader_redis = connect(
+            self._settings, name=f"embedq-sdk-replies:{self.client_id}", max_connections=1
+        )
         self._reader = ReplyReader(self._reader_redis, keys.reply_stream(self.client_id))
         self._submitter = Submitter(self._redis)
         self._reader.start()

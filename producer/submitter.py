@@ -72,7 +72,7 @@ class Submitter:
                     if not s.done.done():
                         s.done.set_exception(exc)
                 continue
-            for s, res in zip(batch, results):
+            for s, res in zip(batch, results, strict=True):
                 if s.done.done():
                     continue
                 if isinstance(res, Exception):

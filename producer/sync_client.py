@@ -18,7 +18,9 @@ T = TypeVar("T")
 class Client:
     """Same methods as :class:`AsyncClient`, blocking. Usable from any thread."""
 
-    def __init__(self, redis_url: str = DEFAULT_REDIS_URL, *, model: str = DEFAULT_MODEL_NAME, **kwargs: Any) -> None:
+    def __init__(
+        self, redis_url: str = DEFAULT_REDIS_URL, *, model: str = DEFAULT_MODEL_NAME, **kwargs: Any
+    ) -> None:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="embedq-client", daemon=True)
         self._thread.start()

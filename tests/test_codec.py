@@ -56,7 +56,9 @@ def test_vectors_roundtrip(dtype: str) -> None:
     assert len(raw) == 5 * 7 * (4 if dtype == "float32" else 2)
     back = vectors_from_bytes(raw, dtype, (5, 7))  # type: ignore[arg-type]
     assert back.dtype == np.float32
-    np.testing.assert_allclose(back, m, rtol=1e-3 if dtype == "float16" else 0, atol=1e-3 if dtype == "float16" else 0)
+    np.testing.assert_allclose(
+        back, m, rtol=1e-3 if dtype == "float16" else 0, atol=1e-3 if dtype == "float16" else 0
+    )
 
 
 def test_vectors_little_endian() -> None:

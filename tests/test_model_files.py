@@ -38,7 +38,9 @@ def test_pooling_from_st_config(tmp_path: Path, cfg: dict, pooling: str) -> None
 
 
 def test_unsupported_pooling_and_missing_pooling(tmp_path: Path) -> None:
-    folder = _folder(tmp_path, {"model_type": "bert"}, **{"1_Pooling__config.json": {"pooling_mode_max_tokens": True}})
+    folder = _folder(
+        tmp_path, {"model_type": "bert"}, **{"1_Pooling__config.json": {"pooling_mode_max_tokens": True}}
+    )
     with pytest.raises(ModelFolderError, match="max_tokens"):
         read_layout(folder)
     bare = _folder(tmp_path / "b", {"model_type": "bert"})
@@ -48,7 +50,9 @@ def test_unsupported_pooling_and_missing_pooling(tmp_path: Path) -> None:
 
 
 def test_roberta_position_offset(tmp_path: Path) -> None:
-    folder = _folder(tmp_path, {"model_type": "xlm-roberta", "max_position_embeddings": 514, "pad_token_id": 1})
+    folder = _folder(
+        tmp_path, {"model_type": "xlm-roberta", "max_position_embeddings": 514, "pad_token_id": 1}
+    )
     assert read_layout(folder, pooling="cls").max_input_length == 512
 
 
@@ -56,7 +60,12 @@ def test_prompts(tmp_path: Path) -> None:
     folder = _folder(
         tmp_path,
         {"model_type": "bert"},
-        **{"config_sentence_transformers.json": {"prompts": {"query": "q: ", "doc": ""}, "default_prompt_name": "query"}},
+        **{
+            "config_sentence_transformers.json": {
+                "prompts": {"query": "q: ", "doc": ""},
+                "default_prompt_name": "query",
+            }
+        },
     )
     layout = read_layout(folder, pooling="mean")
     assert layout.prompts == {"query": "q: ", "doc": ""}

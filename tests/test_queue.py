@@ -12,7 +12,14 @@ import numpy as np
 import pytest
 import redis
 
-from embedq import AsyncClient, BackendError, Client, ModelNotServedError, RequestTimeoutError, ValidationError
+from embedq import (
+    AsyncClient,
+    BackendError,
+    Client,
+    ModelNotServedError,
+    RequestTimeoutError,
+    ValidationError,
+)
 from embedq.common import keys
 from embedq.common.ids import now_ms
 from embedq.common.wire import Job, pack_job, unpack_reply
@@ -63,8 +70,15 @@ async def test_expired_job_answered_without_compute(redis_server: RedisServer, t
     worker = start_worker(redis_server.url, tmp_path, *FAKE)
     r = redis.Redis.from_url(redis_server.url)
     try:
-        job = Job(id="late-1", kind="embed", model=MODEL, inputs=["x"], reply_to="embedq:reply:t1",
-                  created_ms=now_ms() - 5000, deadline_ms=now_ms() - 1000)
+        job = Job(
+            id="late-1",
+            kind="embed",
+            model=MODEL,
+            inputs=["x"],
+            reply_to="embedq:reply:t1",
+            created_ms=now_ms() - 5000,
+            deadline_ms=now_ms() - 1000,
+        )
         r.xadd(keys.jobs_stream(MODEL), {keys.JOB_FIELD: pack_job(job)})
         resp = r.xread({"embedq:reply:t1": "0-0"}, block=5000)
         reply = unpack_reply(resp[0][1][0][1][keys.REPLY_FIELD])
@@ -76,15 +90,22 @@ async def test_expired_job_answered_without_compute(redis_server: RedisServer, t
         worker.stop()
 
 
-async def test_garbage_entries_dead_lettered_and_worker_keeps_serving(redis_server: RedisServer, tmp_path: Path) -> None:
+async def test_garbage_entries_dead_lettered_and_worker_keeps_serving(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
     worker = start_worker(redis_server.url, tmp_path, *FAKE)
     r = redis.Redis.from_url(redis_server.url)
     stream = keys.jobs_stream(MODEL)
     try:
         r.xadd(stream, {keys.JOB_FIELD: b"\xc1\xff garbage"})
         r.xadd(stream, {b"other": b"no job field"})
-        r.xadd(stream, {keys.JOB_FIELD: msgpack.packb({"id": "g1", "reply_to": "embedq:reply:t2", "kind": "nope"})})
-        hostile = Job(id="g2", kind="embed", model=MODEL, inputs=["x"], reply_to="someone:else:key", created_ms=now_ms())
+        r.xadd(
+            stream,
+            {keys.JOB_FIELD: msgpack.packb({"id": "g1", "reply_to": "embedq:reply:t2", "kind": "nope"})},
+        )
+        hostile = Job(
+            id="g2", kind="embed", model=MODEL, inputs=["x"], reply_to="someone:else:key", created_ms=now_ms()
+        )
         r.xadd(stream, {keys.JOB_FIELD: pack_job(hostile)})
         r.xadd(stream, {keys.JOB_FIELD: b"\x91" * 5000})
         async with AsyncClient(redis_server.url, model=MODEL, timeout=10) as c:
@@ -108,7 +129,9 @@ async def test_garbage_entries_dead_lettered_and_worker_keeps_serving(redis_serv
         worker.stop()
 
 
-async def test_thousand_concurrent_requests_use_few_connections(redis_server: RedisServer, tmp_path: Path) -> None:
+async def test_thousand_concurrent_requests_use_few_connections(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
     worker = start_worker(redis_server.url, tmp_path, *FAKE)
     admin = redis.Redis.from_url(redis_server.url)
     peak = 0

@@ -85,7 +85,9 @@ async def test_known_values_and_single_string_shape(client: AsyncClient) -> None
 
 async def test_tei_snapshot_unnormalized(client: AsyncClient, tei_snapshots: Path) -> None:
     want = read_snapshot(tei_snapshots / "test_bert__bert_batch.snap")
-    got = await client.embed(["What is Deep Learning?", "Deep Learning is...", "What is Deep Learning?"], normalize=False)
+    got = await client.embed(
+        ["What is Deep Learning?", "Deep Learning is...", "What is Deep Learning?"], normalize=False
+    )
     assert got.shape == want.shape == (3, 384)
     assert cosine_rows(got, want).min() > 0.999999
     # TEI uses tanh-approximated GELU; transformers the exact one (~1e-3 apart).
@@ -105,7 +107,9 @@ async def test_tei_snapshot_matryoshka(client: AsyncClient, tei_snapshots: Path,
     assert cosine_rows(got, want).min() > 0.99999
 
 
-async def test_truncation_right_matches_sentence_transformers(client: AsyncClient, st_model: SentenceTransformer) -> None:
+async def test_truncation_right_matches_sentence_transformers(
+    client: AsyncClient, st_model: SentenceTransformer
+) -> None:
     got = await client.embed(LONG)  # auto-truncate is on by default, to the right
     want = st_model.encode([LONG])  # ST truncates to max_seq_length (256), right side
     assert cosine_rows(got, want)[0] >= 0.9999
@@ -163,10 +167,19 @@ async def test_prompts(
     folder = tmp_path / "minilm-prompts"
     shutil.copytree(model_path, folder)
     (folder / "config_sentence_transformers.json").write_text(
-        json.dumps({"prompts": {"query": "query: ", "passage": "passage: "}, "default_prompt_name": "passage"})
+        json.dumps(
+            {"prompts": {"query": "query: ", "passage": "passage: "}, "default_prompt_name": "passage"}
+        )
     )
-    w = start_worker(module_redis.url, tmp_path, "--model-id", str(folder), "--served-model-name", "minilm-prompts",
-                     model="minilm-prompts")
+    w = start_worker(
+        module_redis.url,
+        tmp_path,
+        "--model-id",
+        str(folder),
+        "--served-model-name",
+        "minilm-prompts",
+        model="minilm-prompts",
+    )
     try:
         async with AsyncClient(module_redis.url, model="minilm-prompts", timeout=60) as c:
             query = await c.embed("how do streams work", prompt_name="query")
@@ -180,9 +193,18 @@ async def test_prompts(
         w.stop()
 
 
-async def test_bf16_within_cosine_0999(module_redis: RedisServer, tmp_path: Path, st_model: SentenceTransformer) -> None:
-    w = start_worker(module_redis.url, tmp_path, "--dtype", "bfloat16", "--served-model-name", "minilm-bf16",
-                     model="minilm-bf16")
+async def test_bf16_within_cosine_0999(
+    module_redis: RedisServer, tmp_path: Path, st_model: SentenceTransformer
+) -> None:
+    w = start_worker(
+        module_redis.url,
+        tmp_path,
+        "--dtype",
+        "bfloat16",
+        "--served-model-name",
+        "minilm-bf16",
+        model="minilm-bf16",
+    )
     try:
         async with AsyncClient(module_redis.url, model="minilm-bf16", timeout=120) as c:
             got = await c.embed(TEXTS + [LONG])
@@ -192,8 +214,9 @@ async def test_bf16_within_cosine_0999(module_redis: RedisServer, tmp_path: Path
         w.stop()
 
 
-async def test_kill_9_with_real_model_loses_nothing(module_redis: RedisServer, tmp_path: Path,
-                                                   st_model: SentenceTransformer) -> None:
+async def test_kill_9_with_real_model_loses_nothing(
+    module_redis: RedisServer, tmp_path: Path, st_model: SentenceTransformer
+) -> None:
     args = ("--served-model-name", "minilm-crash", "--consumer-name", "crash-1", "--max-batch-requests", "4")
     w = start_worker(module_redis.url, tmp_path, *args, model="minilm-crash")
     texts = [f"{TEXTS[i % len(TEXTS)]} ({i}) " + "more words " * (i % 40) for i in range(120)]

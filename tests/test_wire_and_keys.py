@@ -1,8 +1,9 @@
 import pytest
+from pydantic import ValidationError as PydanticValidationError
 
 from embedq.common import keys
 from embedq.common.codec import encode
-from embedq.common.errors import ProtocolError, ValidationError, error_from_wire, EmptyInputError
+from embedq.common.errors import EmptyInputError, ProtocolError, ValidationError, error_from_wire
 from embedq.common.wire import EmbedParams, Job, pack_job, unpack_job
 
 
@@ -34,13 +35,18 @@ def test_embed_params_defaults_are_teis() -> None:
     p = EmbedParams()
     assert p.normalize is True and p.truncate is None and p.truncation_direction == "right"
     assert EmbedParams(truncation_direction="Left").truncation_direction == "left"  # type: ignore[arg-type]
-    with pytest.raises(Exception):
+    with pytest.raises(PydanticValidationError):
         EmbedParams(dimensions=0)
 
 
 def test_keys_share_the_model_hash_tag() -> None:
     model = "BAAI/bge-small-en-v1.5"
-    for key in (keys.jobs_stream(model), keys.dead_letter_stream(model), keys.workers_key(model), keys.model_info_key(model)):
+    for key in (
+        keys.jobs_stream(model),
+        keys.dead_letter_stream(model),
+        keys.workers_key(model),
+        keys.model_info_key(model),
+    ):
         assert "{" + model + "}" in key
     assert keys.reply_stream("sdk-host-1-ab") == "embedq:reply:sdk-host-1-ab"
 

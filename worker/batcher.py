@@ -3,8 +3,8 @@
 Policy (better than strict FIFO, and starvation-free):
 - every batch contains the oldest waiting sequence, so nothing waits forever;
 - around it, the batch takes neighbours in token-length order, growing towards the
-  side that raises the batch's cost least, so lengths in a batch are close and padding
-  stays near zero when a backlog exists;
+  side that adds the least padding, so lengths in a batch are close and padding stays
+  near zero when a backlog exists;
 - cost is ``longest × count`` for padded execution and ``sum of lengths`` for packed.
 """
 
@@ -78,8 +78,15 @@ class Batcher(Generic[T]):
         self._live.add(seq)
         self._tokens += length
 
-    def _cost(self, lengths_max: int, lengths_sum: int, count: int) -> int:
-        return lengths_max * count if self._limits.padded else lengths_sum
+    def _fits(self, longest: int, lengths_sum: int, count: int) -> bool:
+        cost = longest * count if self._limits.padded else lengths_sum
+        return cost <= self._limits.max_batch_tokens
+
+    def _padding_left(self, entries: list[_Entry[T]], lo: int, hi: int) -> int:
+        return entries[hi].length - entries[lo - 1].length if self._limits.padded else 0
+
+    def _padding_right(self, entries: list[_Entry[T]], hi: int, count: int) -> int:
+        return (entries[hi + 1].length - entries[hi].length) * count if self._limits.padded else 0
 
     def next_batch(self) -> Batch[T] | None:
         if not self._by_length:
@@ -94,22 +101,23 @@ class Batcher(Generic[T]):
         total = entries[anchor].length
         limits = self._limits
         while hi - lo + 1 < limits.max_batch_size:
-            count = hi - lo + 2
-            # Sorted by length: the longest is always entries[hi] (or hi+1 when growing right).
-            left_cost = (
-                self._cost(entries[hi].length, total + entries[lo - 1].length, count)
-                if lo > 0
-                else None
-            )
-            right_cost = (
-                self._cost(entries[hi + 1].length, total + entries[hi + 1].length, count)
+            count = hi - lo + 1
+            longest = entries[hi].length  # sorted by length: the longest is at hi
+            left = lo - 1 if lo > 0 and self._fits(longest, total + entries[lo - 1].length, count + 1) else None
+            right = (
+                hi + 1
                 if hi + 1 < len(entries)
+                and self._fits(entries[hi + 1].length, total + entries[hi + 1].length, count + 1)
                 else None
             )
-            options = [c for c in (left_cost, right_cost) if c is not None]
-            if not options or min(options) > limits.max_batch_tokens:
+            if left is None and right is None:
                 break
-            if right_cost is None or (left_cost is not None and left_cost <= right_cost):
+            # Grow where less padding is added: a shorter neighbour pads itself up to the
+            # longest; a longer one widens every row already taken.
+            if right is None or (
+                left is not None
+                and self._padding_left(entries, lo, hi) <= self._padding_right(entries, hi, count)
+            ):
                 lo -= 1
                 total += entries[lo].length
             else:

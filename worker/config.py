@@ -1,16 +1,17 @@
 """Worker configuration: built once from flags and environment, frozen, passed down.
 
-Flag names follow TEI where TEI has the flag; each flag may also be given as an
-environment variable in upper snake case (``--max-batch-tokens`` → MAX_BATCH_TOKENS),
-and the Redis URL as EMBEDQ_REDIS_URL.
+Flag names follow TEI where TEI has the flag, and so do their environment variables
+(``--max-batch-tokens`` → MAX_BATCH_TOKENS). Flags TEI does not have read EMBEDQ_*
+variables (``--device`` → EMBEDQ_DEVICE), so a generic name such as DEVICE or THREADS
+set for another program cannot reconfigure a worker.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import socket
 import secrets
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -21,6 +22,15 @@ from embedq.worker.model_files import POOLINGS, Pooling
 
 BackendName = Literal["torch", "fake"]
 DTypeName = Literal["auto", "float32", "bfloat16", "float16"]
+
+
+# On CPU small batches are faster (cache locality) and pad less; a GPU wants wide ones.
+CPU_BATCH_REQUESTS = 16
+GPU_BATCH_REQUESTS = 512
+
+
+def default_batch_requests(device: str) -> int:
+    return GPU_BATCH_REQUESTS if device.startswith("cuda") else CPU_BATCH_REQUESTS
 
 
 class ConfigError(Exception):
@@ -39,7 +49,7 @@ class WorkerConfig:
     pooling: Pooling | None = None
     threads: int | None = None
     max_batch_tokens: int = 16384
-    max_batch_requests: int = 64
+    max_batch_requests: int = 16
     max_job_inputs: int = 4096
     auto_truncate: bool = True
     default_prompt_name: str | None = None
@@ -47,7 +57,7 @@ class WorkerConfig:
     consumer_name: str | None = None
     lease_ms: int = 30_000
     max_deliveries: int = 3
-    prefetch_tokens: int = 0  # 0: four batches' worth
+    prefetch_tokens: int = 0  # 0: eight batches' worth
     reply_ttl_s: int = 600
     heartbeat_s: float = 2.0
     shutdown_grace_s: float = 30.0
@@ -56,7 +66,8 @@ class WorkerConfig:
 
     @property
     def read_ahead_tokens(self) -> int:
-        return self.prefetch_tokens or 4 * self.max_batch_tokens
+        # A wider pool of waiting sequences lets the batcher group closer lengths.
+        return self.prefetch_tokens or 8 * self.max_batch_tokens
 
     def make_consumer_name(self) -> str:
         if self.consumer_name:
@@ -111,20 +122,33 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
     a("--model-id", default=_env("model_id"), help="local model folder (default: bundled all-MiniLM-L6-v2)")
     a("--served-model-name", default=_env("served_model_name"), help="name clients use (default: model id)")
     a("--redis-url", default=_env("embedq_redis_url", DEFAULT_REDIS_URL))
-    a("--backend", choices=["torch", "fake"], default=_env("backend", "torch"))
-    a("--device", default=_env("device", "cpu"), help="cpu or cuda:N")
+    a("--backend", choices=["torch", "fake"], default=_env("embedq_backend", "torch"))
+    a("--device", default=_env("embedq_device", "cpu"), help="cpu or cuda:N")
     a("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default=_env("dtype", "auto"))
     a("--pooling", choices=list(POOLINGS), default=_env("pooling"))
-    a("--threads", type=int, default=_env("threads"), help="torch intra-op threads (default: all cores)")
+    a(
+        "--threads",
+        type=int,
+        default=_env("embedq_threads"),
+        help="torch intra-op threads (default: all cores)",
+    )
     a("--max-batch-tokens", type=int, default=int(_env("max_batch_tokens", "16384") or 16384))
-    a("--max-batch-requests", type=int, default=int(_env("max_batch_requests", "64") or 64),
-      help="most sequences in one forward pass")
-    a("--max-job-inputs", type=int, default=int(_env("max_job_inputs", "4096") or 4096))
+    a(
+        "--max-batch-requests",
+        type=int,
+        default=_env("max_batch_requests"),
+        help=f"most sequences in one forward pass (default: {CPU_BATCH_REQUESTS} on CPU, "
+        f"{GPU_BATCH_REQUESTS} on GPU)",
+    )
+    a("--max-job-inputs", type=int, default=int(_env("embedq_max_job_inputs", "4096") or 4096))
     a("--auto-truncate", type=_bool, default=_bool(_env("auto_truncate", "true") or "true"))
     a("--default-prompt-name", default=_env("default_prompt_name"))
     a("--default-prompt", default=_env("default_prompt"))
-    a("--consumer-name", default=_env("embedq_consumer_name"),
-      help="stable consumer name: a restarted worker re-reads its own pending entries at once")
+    a(
+        "--consumer-name",
+        default=_env("embedq_consumer_name"),
+        help="stable consumer name: a restarted worker re-reads its own pending entries at once",
+    )
     a("--lease-ms", type=int, default=int(_env("embedq_lease_ms", "30000") or 30000))
     a("--max-deliveries", type=int, default=int(_env("embedq_max_deliveries", "3") or 3))
     a("--fake-delay-us-per-token", type=float, default=0.0, help=argparse.SUPPRESS)
@@ -146,7 +170,7 @@ def config_from_args(ns: argparse.Namespace) -> WorkerConfig:
         pooling=ns.pooling,
         threads=int(ns.threads) if ns.threads else None,
         max_batch_tokens=ns.max_batch_tokens,
-        max_batch_requests=ns.max_batch_requests,
+        max_batch_requests=int(ns.max_batch_requests or default_batch_requests(ns.device)),
         max_job_inputs=ns.max_job_inputs,
         auto_truncate=ns.auto_truncate,
         default_prompt_name=ns.default_prompt_name,

@@ -64,6 +64,4 @@ class ActiveJob:
 
 
 def error_reply(request_id: str, error: EmbedqError, meta: ReplyMeta | None) -> Reply:
-    return Reply(
-        id=request_id, ok=False, error=ErrorBody(code=error.code, message=error.message), meta=meta
-    )
+    return Reply(id=request_id, ok=False, error=ErrorBody(code=error.code, message=error.message), meta=meta)

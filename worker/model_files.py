@@ -104,9 +104,7 @@ def read_layout(path: Path, *, pooling: Pooling | None = None) -> ModelLayout:
         name = data.get("default_prompt_name")
         default_prompt_name = str(name) if name else None
         if default_prompt_name and default_prompt_name not in prompts:
-            raise ModelFolderError(
-                f"default_prompt_name {default_prompt_name!r} is not among the prompts"
-            )
+            raise ModelFolderError(f"default_prompt_name {default_prompt_name!r} is not among the prompts")
 
     return ModelLayout(
         path=path,

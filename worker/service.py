@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -37,9 +37,9 @@ from embedq.common.errors import (
 )
 from embedq.common.ids import now_ms
 from embedq.common.settings import connect
-from embedq.common.wire import EmbedParams, Job, pack_reply, unpack_job
+from embedq.common.wire import EmbedParams, pack_reply, unpack_job
 from embedq.worker.backends.base import Backend
-from embedq.worker.batcher import Batch, Batcher, BatchLimits
+from embedq.worker.batcher import Batcher, BatchLimits
 from embedq.worker.config import WorkerConfig
 from embedq.worker.jobs import ActiveJob, error_reply
 from embedq.worker.postprocess import check_dimensions
@@ -89,6 +89,9 @@ class Worker:
         self._tok_pool = ThreadPoolExecutor(1, thread_name_prefix="embedq-tokenize")
         self._infer_pool = ThreadPoolExecutor(1, thread_name_prefix="embedq-infer")
         self.batches_run = 0
+        # Padding efficiency = real tokens / computed (padded) tokens.
+        self.real_tokens = 0
+        self.padded_tokens = 0
 
     # ----------------------------------------------------------------- lifecycle
     def stop(self) -> None:
@@ -122,7 +125,12 @@ class Worker:
                 pass
             self._tok_pool.shutdown(wait=False)
             self._infer_pool.shutdown(wait=False)
-            log.info("worker %s stopped after %d batches", self.name, self.batches_run)
+            log.info(
+                "worker %s stopped after %d batches (padding efficiency %.3f)",
+                self.name,
+                self.batches_run,
+                self.real_tokens / max(self.padded_tokens, 1),
+            )
 
     def _stale_ms(self) -> int:
         return int(self.config.heartbeat_s * 5 * 1000)
@@ -181,7 +189,7 @@ class Worker:
             return
         loop = asyncio.get_running_loop()
         tokenized = await loop.run_in_executor(self._tok_pool, self._tokenize, ready)
-        for job, seqs in zip(ready, tokenized):
+        for job, seqs in zip(ready, tokenized, strict=True):
             if job.error is not None or seqs is None:
                 await self._finish(job)
                 continue
@@ -241,8 +249,10 @@ class Worker:
             return
         req_id, reply_to = obj.get("id"), obj.get("reply_to")
         if (
-            isinstance(req_id, str) and 0 < len(req_id) <= 64
-            and isinstance(reply_to, str) and reply_to.startswith(f"{keys.PREFIX}:reply:")
+            isinstance(req_id, str)
+            and 0 < len(req_id) <= 64
+            and isinstance(reply_to, str)
+            and reply_to.startswith(f"{keys.PREFIX}:reply:")
             and len(reply_to) <= 256
         ):
             await self._send_error(d, req_id, reply_to, exc, ack=False)
@@ -297,9 +307,14 @@ class Worker:
             failures = await loop.run_in_executor(self._infer_pool, self._infer, seqs)
             elapsed_ms = (time.perf_counter() - start) * 1000
             self.batches_run += 1
+            self.real_tokens += sum(len(s.ids) for s in seqs)
+            self.padded_tokens += max(len(s.ids) for s in seqs) * len(seqs)
             log.debug(
                 "batch of %d seqs, %d tokens (%d padded) in %.1f ms",
-                len(seqs), batch.real_tokens, batch.padded_tokens, elapsed_ms,
+                len(seqs),
+                batch.real_tokens,
+                batch.padded_tokens,
+                elapsed_ms,
             )
             for job, error in failures.items():
                 if job.error is None:
@@ -348,7 +363,7 @@ class Worker:
                 OutgoingReply(j.delivery.entry_id, j.job.reply_to, pack_reply(j.reply(self.name)))
                 for j in jobs
             ]
-            await self._retry(lambda: self.stream.reply_and_ack(outgoing))
+            await self._retry(self.stream.reply_and_ack, outgoing)
             for j in jobs:
                 self.active.pop(j.delivery.entry_id, None)
                 self._replies.task_done()
@@ -359,23 +374,23 @@ class Worker:
         payload = pack_reply(error_reply(request_id, error, None))
         out = [OutgoingReply(d.entry_id, reply_to, payload)]
         if ack:
-            await self._retry(lambda: self.stream.reply_and_ack(out))
+            await self._retry(self.stream.reply_and_ack, out)
         else:
             await self._safe(self.redis.xadd(reply_to, {keys.REPLY_FIELD: payload}))
 
-    async def _retry(self, make_call) -> None:  # type: ignore[no-untyped-def]
+    async def _retry(self, call: Callable[..., Awaitable[object]], *args: object) -> None:
         """Redis writes that must happen: retry with backoff until they do."""
         backoff = 0.1
         while not self._closing:
             try:
-                await make_call()
+                await call(*args)
                 return
             except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
                 log.warning("Redis write failed (%s); retrying in %.1fs", exc, backoff)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
 
-    async def _safe(self, coro) -> None:  # type: ignore[no-untyped-def]
+    async def _safe(self, coro: Awaitable[object]) -> None:
         try:
             await coro
         except RedisError as exc:

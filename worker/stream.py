@@ -132,7 +132,11 @@ class JobStream:
             return []
         ids = sorted((d.entry_id for d in deliveries), key=_id_key)
         rows = await self.redis.xpending_range(
-            self.key, self.group, min=ids[0], max=ids[-1], count=len(ids) * 4 + 16,
+            self.key,
+            self.group,
+            min=ids[0],
+            max=ids[-1],
+            count=len(ids) * 4 + 16,
             consumername=self.consumer,
         )
         counts = {r["message_id"]: int(r["times_delivered"]) for r in rows}

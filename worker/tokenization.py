@@ -67,7 +67,7 @@ def encode_inputs(
         else:
             out[i] = check_token_ids(item, tokenizer.vocab_size, tokenizer.max_input_length, options)
     if texts:
-        for slot, ids in zip(text_slots, tokenizer.encode(texts, options)):
+        for slot, ids in zip(text_slots, tokenizer.encode(texts, options), strict=True):
             out[slot] = ids
     return out
 

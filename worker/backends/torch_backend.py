@@ -102,8 +102,13 @@ class TorchBackend:
         )
         log.info(
             "loaded %s (%s, dim %d, max %d tokens, %s pooling) on %s with %d threads",
-            path, self.dtype_name, width, layout.max_input_length, layout.pooling,
-            self.device, torch.get_num_threads(),
+            path,
+            self.dtype_name,
+            width,
+            layout.max_input_length,
+            layout.pooling,
+            self.device,
+            torch.get_num_threads(),
         )
 
     def _collate(self, batch: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

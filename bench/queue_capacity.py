@@ -1,0 +1,103 @@
+"""Queue capacity: SDK → Redis → worker with the fake backend (no model), one client.
+
+Measures what the queue itself can carry: single-input requests per second at a given
+concurrency, and embeddings per second in multi-input requests (384-d float32 on the
+wire). Run: python bench/queue_capacity.py [--requests 20000] [--concurrency 256]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import redis
+
+from embedq import AsyncClient
+from embedq.common import keys
+from embedq.redis_server import RedisServer
+
+MODEL = "fake-capacity"
+
+
+async def closed_loop(
+    client: AsyncClient, total: int, concurrency: int, inputs: int
+) -> tuple[float, list[float]]:
+    """`concurrency` callers each sending requests back to back; returns (seconds, latencies)."""
+    latencies: list[float] = []
+    texts = [f"capacity probe {i}" for i in range(inputs)]
+    remaining = total
+
+    async def caller() -> None:
+        nonlocal remaining
+        while remaining > 0:
+            remaining -= 1
+            start = time.perf_counter()
+            await client.embed(texts)
+            latencies.append(time.perf_counter() - start)
+
+    start = time.perf_counter()
+    await asyncio.gather(*(caller() for _ in range(concurrency)))
+    return time.perf_counter() - start, latencies
+
+
+async def measure(url: str, args: argparse.Namespace) -> None:
+    async with AsyncClient(url, model=MODEL, timeout=120) as client:
+        await closed_loop(client, 500, 32, 1)  # warm-up
+        for inputs, total in ((1, args.requests), (32, args.requests // 8)):
+            seconds, lat = await closed_loop(client, total, args.concurrency, inputs)
+            lat.sort()
+            p50 = statistics.median(lat) * 1000
+            p99 = lat[int(len(lat) * 0.99) - 1] * 1000
+            print(
+                f"{inputs:>3}-input requests: {total / seconds:9.0f} req/s  "
+                f"{total * inputs / seconds:9.0f} embeddings/s  p50 {p50:6.1f} ms  p99 {p99:6.1f} ms "
+                f"(concurrency {args.concurrency})",
+                flush=True,
+            )
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--requests", type=int, default=20000)
+    p.add_argument("--concurrency", type=int, default=256)
+    args = p.parse_args()
+    with tempfile.TemporaryDirectory(prefix="embedq-cap-") as tmp, RedisServer(Path(tmp)) as server:
+        worker = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "embedq",
+                "--log-level",
+                "warning",
+                "worker",
+                "--backend",
+                "fake",
+                "--served-model-name",
+                MODEL,
+                "--redis-url",
+                server.url,
+                "--max-batch-requests",
+                "256",
+            ],
+        )
+        try:
+            r = redis.Redis.from_url(server.url)
+            while r.zcard(keys.workers_key(MODEL)) == 0:
+                if worker.poll() is not None:
+                    raise SystemExit("worker exited at start")
+                time.sleep(0.1)
+            asyncio.run(measure(server.url, args))
+        finally:
+            worker.terminate()
+            worker.wait(timeout=60)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
