@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from embedq.common.codec import DEFAULT_LIMITS, DecodeLimits, decode, encode
 from embedq.common.errors import ProtocolError
 
-WIRE_VERSION = 1
+WIRE_VERSION: Literal[1] = 1
 
 JobKind = Literal["embed", "embed_all", "embed_sparse", "rerank", "predict", "tokenize", "decode"]
 # Kinds a worker of this release can run; the others are reserved in the schema.

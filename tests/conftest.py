@@ -7,6 +7,8 @@ import pytest
 
 from embedq.redis_server import RedisServer
 
+from .helpers import STARTED
+
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 
 
@@ -42,3 +44,25 @@ def tei_snapshots() -> Path:
     if not path.is_dir():
         pytest.skip("../shared/data/tei-snapshots is not present beside the checkout")
     return path
+
+
+def _kill_from(scope: str, start: int) -> None:
+    for proc in STARTED[scope][start:]:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
+
+
+@pytest.fixture(autouse=True)
+def _no_orphan_workers() -> Iterator[None]:
+    """Kill the workers a test started if it failed or timed out before stopping them."""
+    start = len(STARTED["function"])
+    yield
+    _kill_from("function", start)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _no_orphan_module_workers() -> Iterator[None]:
+    start = len(STARTED["module"])
+    yield
+    _kill_from("module", start)

@@ -16,6 +16,10 @@ from embedq.common import keys
 
 MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 
+# Every worker a test starts, so the session can kill the ones a failed or timed-out
+# test left behind (see conftest.py).
+STARTED: dict[str, list[subprocess.Popen[bytes]]] = {"function": [], "module": []}
+
 
 @dataclass
 class WorkerProcess:
@@ -44,6 +48,7 @@ def start_worker(
     model: str = MODEL,
     wait: bool = True,
     timeout: float = 120,
+    scope: str = "function",
 ) -> WorkerProcess:
     """Start `embedq worker` as a child process and wait for its first heartbeat."""
     log_path = tmp_dir / f"worker-{time.monotonic_ns()}.log"
@@ -53,6 +58,7 @@ def start_worker(
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     with open(log_path, "wb") as log_file:
         proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env)
+    STARTED[scope].append(proc)
     worker = WorkerProcess(proc, log_path)
     if wait:
         wait_for_workers(redis_url, model, 1, worker, timeout)

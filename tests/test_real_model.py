@@ -56,7 +56,7 @@ def st_model(model_path: Path) -> SentenceTransformer:
 
 @pytest.fixture(scope="module")
 def worker(module_redis: RedisServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[WorkerProcess]:
-    w = start_worker(module_redis.url, tmp_path_factory.mktemp("w"), "--dtype", "float32")
+    w = start_worker(module_redis.url, tmp_path_factory.mktemp("w"), "--dtype", "float32", scope="module")
     yield w
     assert w.stop() == 0, w.log()[-3000:]
 

@@ -103,7 +103,9 @@ class Batcher(Generic[T]):
         while hi - lo + 1 < limits.max_batch_size:
             count = hi - lo + 1
             longest = entries[hi].length  # sorted by length: the longest is at hi
-            left = lo - 1 if lo > 0 and self._fits(longest, total + entries[lo - 1].length, count + 1) else None
+            left = (
+                lo - 1 if lo > 0 and self._fits(longest, total + entries[lo - 1].length, count + 1) else None
+            )
             right = (
                 hi + 1
                 if hi + 1 < len(entries)
