@@ -294,3 +294,31 @@ async def test_graceful_stop_answers_what_it_read(redis_server: RedisServer, tmp
         results = await asyncio.gather(*tasks)
     worker.stop()
     assert len(results) == 60
+
+
+async def test_duplicate_replies_reach_the_caller_once(redis_server: RedisServer, tmp_path: Path) -> None:
+    """At-least-once delivery can answer twice; the caller must see one answer."""
+    worker = start_worker(redis_server.url, tmp_path, *FAKE)
+    r = redis.Redis.from_url(redis_server.url)
+    try:
+        async with AsyncClient(redis_server.url, model=MODEL, timeout=10) as c:
+            assert c._reader is not None
+            first = await c.request("embed", ["dup me"], {})
+            # Replay the worker's reply, as a second execution of the same job would.
+            raw = r.xrevrange(c.reply_stream, count=1)
+            payload = raw[0][1][keys.REPLY_FIELD] if raw else None
+            if payload is None:  # already trimmed by the reader: rebuild it
+                from embedq.common.wire import pack_reply
+
+                payload = pack_reply(first)
+            r.xadd(c.reply_stream, {keys.REPLY_FIELD: payload})
+            r.xadd(c.reply_stream, {keys.REPLY_FIELD: payload})
+            second = await c.embed("after the duplicates")
+            deadline = time.monotonic() + 3
+            while c._reader.duplicates_dropped < 2 and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
+            assert c._reader.duplicates_dropped == 2
+            assert c._reader.in_flight == 0
+            assert second.shape == (1, 384)
+    finally:
+        worker.stop()
