@@ -4,8 +4,5 @@
 # Extra arguments are the question (e.g. `bash scripts/quickstart.sh "what is a stream?"`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-python3 -m venv .venv
-. .venv/bin/activate
-python -m pip install -q torch==2.13.0
-python -m pip install -q -e ".[worker,model,embedded-redis]"
+. scripts/install.sh worker,model,embedded-redis
 python examples/rag_quickstart.py "$@"
