@@ -16,6 +16,9 @@ from embedq.common.codec import DEFAULT_LIMITS, DecodeLimits, decode, encode
 from embedq.common.errors import ProtocolError
 
 WIRE_VERSION: Literal[1] = 1
+# Protocol ceiling on inputs per job, checked before any element is validated (a worker
+# may set a lower limit). Keeps a hostile entry from costing seconds and gigabytes.
+MAX_JOB_INPUTS = 16_384
 
 JobKind = Literal["embed", "embed_all", "embed_sparse", "rerank", "predict", "tokenize", "decode"]
 # Kinds a worker of this release can run; the others are reserved in the schema.
@@ -65,6 +68,13 @@ class Job(_Wire):
     deadline_ms: int = Field(default=0, ge=0)
     # W3C trace-context carrier (traceparent, tracestate).
     trace: dict[str, str] = Field(default_factory=dict, max_length=8)
+
+    @field_validator("inputs", mode="before")
+    @classmethod
+    def _bounded_inputs(cls, value: Any) -> Any:
+        if isinstance(value, list) and len(value) > MAX_JOB_INPUTS:
+            raise ValueError(f"at most {MAX_JOB_INPUTS} inputs per job, got {len(value)}")
+        return value
 
     def embed_params(self) -> EmbedParams:
         return EmbedParams.model_validate(self.params)

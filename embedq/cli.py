@@ -21,6 +21,7 @@ def _cmd_worker(ns: argparse.Namespace) -> int:
     from embedq.worker.config import ConfigError, config_from_args
     from embedq.worker.main import run_worker
     from embedq.worker.model_files import ModelFolderError
+    from embedq.worker.service import WorkerFault
 
     try:
         config = config_from_args(ns)
@@ -28,6 +29,9 @@ def _cmd_worker(ns: argparse.Namespace) -> int:
     except (ConfigError, ModelFolderError, ValueError) as exc:
         logging.getLogger("embedq").error("%s", exc)
         return 2
+    except WorkerFault as exc:
+        logging.getLogger("embedq").critical("worker stopped: %s", exc)
+        return 1
     return 0
 
 

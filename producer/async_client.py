@@ -139,8 +139,8 @@ class AsyncClient:
             first = exc.errors()[0]
             where = ".".join(str(p) for p in first["loc"])
             raise ValidationError(f"invalid request: {where}: {first['msg']}") from None
-        waiter = self._reader.expect(job.id)
-        submitter = self._submitter
+        reader, submitter = self._reader, self._submitter
+        waiter = reader.expect(job.id)
 
         async def round_trip() -> Reply:
             try:
@@ -162,7 +162,7 @@ class AsyncClient:
                 f"no reply for request {job.id} to model {model!r} within {timeout:g}s"
             ) from None
         finally:
-            self._reader.forget(job.id)
+            reader.forget(job.id)
 
     # ---------------------------------------------------------------- embeddings
     async def embed(

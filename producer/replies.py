@@ -14,7 +14,7 @@ from redis.exceptions import RedisError
 
 from embedq.common import keys
 from embedq.common.aio import cancel_tasks
-from embedq.common.errors import ProtocolError
+from embedq.common.errors import ProtocolError, QueueUnavailableError
 from embedq.common.wire import Reply, unpack_reply
 
 log = logging.getLogger(__name__)
@@ -44,7 +44,7 @@ class ReplyReader:
             self._task = None
         for fut in self._waiters.values():
             if not fut.done():
-                fut.set_exception(RuntimeError("client closed"))
+                fut.set_exception(QueueUnavailableError("the client was closed"))
         self._waiters.clear()
 
     def expect(self, request_id: str) -> asyncio.Future[Reply]:

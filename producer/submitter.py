@@ -15,6 +15,7 @@ import redis.asyncio as aioredis
 
 from embedq.common import keys
 from embedq.common.aio import cancel_tasks
+from embedq.common.errors import QueueUnavailableError
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +47,7 @@ class Submitter:
         while not self._queue.empty():
             sub = self._queue.get_nowait()
             if not sub.done.done():
-                sub.done.set_exception(RuntimeError("client closed"))
+                sub.done.set_exception(QueueUnavailableError("the client was closed"))
 
     async def submit(self, stream: str, payload: bytes) -> bool:
         """True once the entry is in the stream; False if the stream does not exist."""
@@ -67,6 +68,12 @@ class Submitter:
                 pipe.xadd(s.stream, {keys.JOB_FIELD: s.payload}, nomkstream=True)
             try:
                 results = await pipe.execute(raise_on_error=False)
+            except asyncio.CancelledError:
+                # Closed mid-flight: whether these entries landed is unknown; say so.
+                for s in batch:
+                    if not s.done.done():
+                        s.done.set_exception(QueueUnavailableError("the client was closed while enqueuing"))
+                raise
             except Exception as exc:  # connection lost: every caller learns it
                 for s in batch:
                     if not s.done.done():

@@ -378,3 +378,63 @@ async def test_worker_recovers_from_a_flushed_redis(redis_server: RedisServer, t
             assert (await c.embed("after")).shape == (1, 384)
     finally:
         worker.stop()
+
+
+async def test_reply_to_a_non_stream_key_is_dead_lettered(redis_server: RedisServer, tmp_path: Path) -> None:
+    """A reply that can never be written must not stop the worker from answering others."""
+    worker = start_worker(redis_server.url, tmp_path, *FAKE, "--lease-ms", "3000")
+    r = redis.Redis.from_url(redis_server.url)
+    try:
+        r.set("embedq:reply:not-a-stream", "x")
+        job = Job(
+            id="wt-1",
+            kind="embed",
+            model=MODEL,
+            inputs=["x"],
+            reply_to="embedq:reply:not-a-stream",
+            created_ms=now_ms(),
+        )
+        r.xadd(keys.jobs_stream(MODEL), {keys.JOB_FIELD: pack_job(job)})
+        async with AsyncClient(redis_server.url, model=MODEL, timeout=8) as c:
+            assert (await c.embed("answered despite the bad neighbour")).shape == (1, 384)
+        deadline = time.monotonic() + 5
+        while not _dlq(redis_server.url) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        dead = _dlq(redis_server.url)
+        assert len(dead) == 1 and b"WRONGTYPE" in dead[0][1][b"reason"]
+        deadline = time.monotonic() + 5  # the DLQ entry is written just before the ack
+        while (
+            r.xpending(keys.jobs_stream(MODEL), keys.WORKER_GROUP)["pending"] and time.monotonic() < deadline
+        ):
+            time.sleep(0.05)
+        assert r.xpending(keys.jobs_stream(MODEL), keys.WORKER_GROUP)["pending"] == 0
+        assert worker.proc.poll() is None
+    finally:
+        worker.stop()
+
+
+async def test_decode_bomb_is_rejected_cheaply(redis_server: RedisServer, tmp_path: Path) -> None:
+    worker = start_worker(redis_server.url, tmp_path, *FAKE)
+    r = redis.Redis.from_url(redis_server.url)
+    try:
+        bomb = msgpack.packb(
+            {
+                "id": "bomb",
+                "kind": "embed",
+                "model": MODEL,
+                "inputs": [{}] * 200_000,
+                "reply_to": "embedq:reply:t9",
+                "created_ms": 1,
+            }
+        )
+        r.xadd(keys.jobs_stream(MODEL), {keys.JOB_FIELD: bomb})
+        start = time.monotonic()
+        resp = r.xread({"embedq:reply:t9": "0-0"}, block=10_000)
+        assert time.monotonic() - start < 2.0
+        reply = unpack_reply(resp[0][1][0][1][keys.REPLY_FIELD])
+        assert reply.error is not None and reply.error.code == "protocol"
+        assert "16384" in reply.error.message
+        async with AsyncClient(redis_server.url, model=MODEL, timeout=5) as c:
+            assert (await c.embed("fine")).shape == (1, 384)
+    finally:
+        worker.stop()

@@ -15,9 +15,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import redis.asyncio as aioredis
@@ -48,6 +49,11 @@ from embedq.worker.tokenization import EncodeOptions, encode_inputs
 
 log = logging.getLogger(__name__)
 
+
+class WorkerFault(Exception):
+    """The worker cannot go on safely; the process should exit and let others reclaim."""
+
+
 READ_COUNT = 64
 READ_BLOCK_MS = 1000
 
@@ -57,6 +63,20 @@ class _Seq:
     job: ActiveJob
     index: int
     ids: list[int]
+
+
+def _isolate_redelivered(seqs: list[_Seq]) -> list[list[_Seq]]:
+    """Split a batch so every job delivered before runs alone.
+
+    A job that was redelivered may be what killed its last worker; run with others, a
+    crash would count against them too and dead-letter innocent jobs.
+    """
+    fresh = [s for s in seqs if s.job.delivery.deliveries <= 1]
+    alone: dict[int, list[_Seq]] = {}
+    for s in seqs:
+        if s.job.delivery.deliveries > 1:
+            alone.setdefault(id(s.job), []).append(s)
+    return [g for g in (fresh, *alone.values()) if g]
 
 
 class Worker:
@@ -77,6 +97,11 @@ class Worker:
                 padded=not backend.description.packed,
             )
         )
+        if config.max_batch_tokens < backend.description.max_input_length:
+            raise ValueError(
+                f"--max-batch-tokens ({config.max_batch_tokens}) must be at least the model's "
+                f"max input length ({backend.description.max_input_length})"
+            )
         self.active: dict[bytes, ActiveJob] = {}
         self._work = asyncio.Event()
         self._room = asyncio.Event()
@@ -111,14 +136,15 @@ class Worker:
             asyncio.create_task(self._reclaim_loop(), name="reclaim"),
         ]
         replier = asyncio.create_task(self._replier_loop(), name="replier")
+        work: asyncio.Task[None] | None = None
         try:
             if self.config.consumer_name:
                 await self._admit_all(await self.stream.read_own_pending())
-            await asyncio.gather(self._reader_loop(), self._engine_loop())
-            await self._replies.join()
+            work = asyncio.create_task(self._work_then_drain(), name="work")
+            await self._supervise(work, [*background, replier])
         finally:
             self._closing = True
-            await cancel_tasks([*background, replier])
+            await cancel_tasks([t for t in (work, *background, replier) if t is not None])
             try:
                 await self.stream.leave(self.name)
             except RedisError:
@@ -131,6 +157,40 @@ class Worker:
                 self.batches_run,
                 self.real_tokens / max(self.padded_tokens, 1),
             )
+
+    async def _work_then_drain(self) -> None:
+        await asyncio.gather(self._reader_loop(), self._engine_loop())
+        await self._replies.join()
+
+    async def _supervise(self, work: asyncio.Task[None], helpers: list[asyncio.Task[None]]) -> None:
+        """Return when the work is done. A helper that ends first is a fault: raising ends
+        the process, its leases lapse and other workers take its jobs over (a live but
+        stuck worker would keep renewing them forever)."""
+        loop = asyncio.get_running_loop()
+        stop = asyncio.create_task(self._stopping.wait(), name="stop-signal")
+        watched: set[asyncio.Task[Any]] = {work, stop, *helpers}
+        deadline: float | None = None
+        try:
+            while True:
+                timeout = None if deadline is None else max(0.0, deadline - loop.time())
+                done, _ = await asyncio.wait(watched, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+                if work in done:
+                    work.result()
+                    return
+                if stop in done:
+                    watched.discard(stop)
+                    deadline = loop.time() + self.config.shutdown_grace_s
+                    continue
+                if not done:
+                    raise WorkerFault(
+                        f"jobs still unanswered {self.config.shutdown_grace_s:g}s after the stop "
+                        "signal; leaving them to be reclaimed by other workers"
+                    )
+                failed = done.pop()
+                exc = failed.exception() if not failed.cancelled() else None
+                raise WorkerFault(f"the {failed.get_name()} task ended unexpectedly: {exc!r}") from exc
+        finally:
+            stop.cancel()
 
     def _stale_ms(self) -> int:
         return int(self.config.heartbeat_s * 5 * 1000)
@@ -201,6 +261,11 @@ class Worker:
     async def _check(self, d: Delivery) -> ActiveJob | None:
         """A job ready to tokenize, or None after answering/dead-lettering it."""
         raw = d.fields.get(keys.JOB_FIELD)
+        if d.deliveries > self.config.max_deliveries:
+            # Checked before decoding: the entry may be what crashes workers.
+            reason = f"gave up after {d.deliveries - 1} deliveries (the job may crash or hang workers)"
+            await self._reject(d, raw, BackendError(reason))
+            return None
         try:
             if raw is None:
                 raise ProtocolError("stream entry has no job field")
@@ -208,14 +273,9 @@ class Worker:
             if not job.reply_to.startswith(f"{keys.PREFIX}:reply:"):
                 raise ProtocolError(f"reply_to {job.reply_to!r} is not a reply stream")
         except ProtocolError as exc:
-            await self._reject_undecodable(d, raw, exc)
+            await self._reject(d, raw, exc)
             return None
 
-        if d.deliveries > self.config.max_deliveries:
-            reason = f"gave up after {d.deliveries - 1} deliveries (the job may crash or hang workers)"
-            await self._safe(self.stream.dead_letter(d, reason))
-            await self._send_error(d, job.id, job.reply_to, BackendError(reason))
-            return None
         active = ActiveJob(delivery=d, job=job, params=EmbedParams())
         active.queue_ms = max(0.0, now_ms() - job.created_ms)
         try:
@@ -239,10 +299,10 @@ class Worker:
             return None
         return active
 
-    async def _reject_undecodable(self, d: Delivery, raw: bytes | None, exc: ProtocolError) -> None:
-        log.warning("dead-lettering entry %s: %s", d.entry_id, exc.message)
-        await self._safe(self.stream.dead_letter(d, exc.message))
-        # If the caller can be identified, tell it too instead of letting it time out.
+    async def _reject(self, d: Delivery, raw: bytes | None, error: EmbedqError) -> None:
+        """Dead-letter an entry; tell its caller too when it can be identified."""
+        log.warning("dead-lettering entry %s: %s", d.entry_id, error.message)
+        await self._safe(self.stream.dead_letter(d, error.message))
         try:
             obj = decode(raw, self.limits) if raw is not None else {}
         except ProtocolError:
@@ -255,14 +315,18 @@ class Worker:
             and reply_to.startswith(f"{keys.PREFIX}:reply:")
             and len(reply_to) <= 256
         ):
-            await self._send_error(d, req_id, reply_to, exc, ack=False)
+            payload = pack_reply(error_reply(req_id, error, None))
+            await self._safe(self.stream.send_reply(reply_to, payload))
 
     def _tokenize(self, jobs: Sequence[ActiveJob]) -> list[list[list[int]] | None]:
         out: list[list[list[int]] | None] = []
         for job in jobs:
             start = time.perf_counter()
             try:
-                out.append(encode_inputs(self.backend.tokenizer, job.job.inputs, self._options(job.params)))
+                seqs = encode_inputs(self.backend.tokenizer, job.job.inputs, self._options(job.params))
+                if any(not ids for ids in seqs):
+                    raise ValidationError("an input produced no tokens")
+                out.append(seqs)
             except EmbedqError as exc:
                 job.error = exc
                 out.append(None)
@@ -289,7 +353,6 @@ class Worker:
 
     # ---------------------------------------------------------------- inference
     async def _engine_loop(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
             batch = self.batcher.next_batch()
             if self.batcher.pending_tokens < self.config.read_ahead_tokens:
@@ -302,33 +365,32 @@ class Worker:
                 continue
             await self._expire(batch.items)
             seqs = [s for s in batch.items if s.job.error is None]
-            if not seqs:
-                continue
-            start = time.perf_counter()
-            failures = await loop.run_in_executor(self._infer_pool, self._infer, seqs)
-            elapsed_ms = (time.perf_counter() - start) * 1000
-            self.batches_run += 1
-            self.real_tokens += sum(len(s.ids) for s in seqs)
-            self.padded_tokens += max(len(s.ids) for s in seqs) * len(seqs)
-            log.debug(
-                "batch of %d seqs, %d tokens (%d padded) in %.1f ms",
-                len(seqs),
-                batch.real_tokens,
-                batch.padded_tokens,
-                elapsed_ms,
-            )
-            for job, error in failures.items():
-                if job.error is None:
-                    job.error = error
-            touched: dict[int, ActiveJob] = {}
-            for s in seqs:
-                touched[id(s.job)] = s.job
-                s.job.remaining -= 1
-            for job in touched.values():
-                job.infer_ms += elapsed_ms
-                job.batch_size = max(job.batch_size, len(seqs))
-                if job.remaining == 0 or job.error is not None:
-                    await self._finish(job)
+            for group in _isolate_redelivered(seqs):
+                await self._run_batch(group)
+
+    async def _run_batch(self, seqs: list[_Seq]) -> None:
+        loop = asyncio.get_running_loop()
+        start = time.perf_counter()
+        failures = await loop.run_in_executor(self._infer_pool, self._infer, seqs)
+        elapsed_ms = (time.perf_counter() - start) * 1000
+        real = sum(len(s.ids) for s in seqs)
+        padded = max(len(s.ids) for s in seqs) * len(seqs)
+        self.batches_run += 1
+        self.real_tokens += real
+        self.padded_tokens += padded
+        log.debug("batch of %d seqs, %d tokens (%d padded) in %.1f ms", len(seqs), real, padded, elapsed_ms)
+        for job, error in failures.items():
+            if job.error is None:
+                job.error = error
+        touched: dict[int, ActiveJob] = {}
+        for s in seqs:
+            touched[id(s.job)] = s.job
+            s.job.remaining -= 1
+        for job in touched.values():
+            job.infer_ms += elapsed_ms
+            job.batch_size = max(job.batch_size, len(seqs))
+            if job.remaining == 0 or job.error is not None:
+                await self._finish(job)
 
     async def _expire(self, seqs: Sequence[_Seq]) -> None:
         """Answer jobs whose deadline passed while they waited: their callers gave up."""
@@ -373,30 +435,36 @@ class Worker:
                 OutgoingReply(j.delivery.entry_id, j.job.reply_to, pack_reply(j.reply(self.name)))
                 for j in jobs
             ]
-            await self._retry(self.stream.reply_and_ack, outgoing)
+            await self._deliver(outgoing)
             for j in jobs:
                 self.active.pop(j.delivery.entry_id, None)
                 self._replies.task_done()
 
-    async def _send_error(
-        self, d: Delivery, request_id: str, reply_to: str, error: EmbedqError, *, ack: bool = True
-    ) -> None:
-        payload = pack_reply(error_reply(request_id, error, None))
-        out = [OutgoingReply(d.entry_id, reply_to, payload)]
-        if ack:
-            await self._retry(self.stream.reply_and_ack, out)
-        else:
-            await self._safe(self.redis.xadd(reply_to, {keys.REPLY_FIELD: payload}))
-
-    async def _retry(self, call: Callable[..., Awaitable[object]], *args: object) -> None:
-        """Redis writes that must happen: retry with backoff until they do."""
+    async def _deliver(self, outgoing: list[OutgoingReply]) -> None:
+        """Write replies and ack their requests; a reply that can never be written (its
+        reply_to is not a stream) is dead-lettered; transient failures are retried."""
         backoff = 0.1
-        while not self._closing:
+        while outgoing and not self._closing:
             try:
-                await call(*args)
-                return
+                failed = await self.stream.reply_and_ack(outgoing)
             except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
                 log.warning("Redis write failed (%s); retrying in %.1fs", exc, backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+                continue
+            outgoing = []
+            for reply, exc in failed:
+                job = self.active.get(reply.entry_id)
+                if "WRONGTYPE" in str(exc) and job is not None:
+                    reason = f"cannot reply to {reply.reply_to!r}: {exc}"
+                    log.warning("dead-lettering entry %s: %s", reply.entry_id, reason)
+                    await self._safe(self.stream.dead_letter(job.delivery, reason))
+                else:  # out of memory, read-only replica, loading...: try again later
+                    outgoing.append(reply)
+            if outgoing:
+                log.warning(
+                    "%d replies not written (%s); retrying in %.1fs", len(outgoing), failed[0][1], backoff
+                )
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
 
@@ -419,13 +487,19 @@ class Worker:
                 await self._safe(self.stream.renew(list(self.active)))
 
     async def _reclaim_loop(self) -> None:
+        page = 64
         while not self._closing:
             if not self._stopping.is_set():
                 try:
-                    claimed = await self.stream.claim_idle(self.config.lease_ms)
-                    if claimed:
-                        log.warning("reclaimed %d entries whose lease lapsed", len(claimed))
-                        await self._admit_all(claimed)
+                    # Keep taking full pages while there is room: a dead worker may have
+                    # held thousands of jobs.
+                    while self.batcher.pending_tokens < self.config.read_ahead_tokens:
+                        claimed = await self.stream.claim_idle(self.config.lease_ms, count=page)
+                        if claimed:
+                            log.warning("reclaimed %d entries whose lease lapsed", len(claimed))
+                            await self._admit_all(claimed)
+                        if len(claimed) < page:
+                            break
                 except RedisError as exc:
                     log.warning("reclaim failed: %s", exc)
             await asyncio.sleep(self.config.lease_ms / 2000)

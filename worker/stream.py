@@ -132,19 +132,18 @@ class JobStream:
         return await self._with_counts(claimed)
 
     async def _with_counts(self, deliveries: Sequence[Delivery]) -> list[Delivery]:
+        """Attach each entry's delivery counter (one XPENDING per id, pipelined)."""
         if not deliveries:
             return []
-        ids = sorted((d.entry_id for d in deliveries), key=_id_key)
-        rows = await self.redis.xpending_range(
-            self.key,
-            self.group,
-            min=ids[0],
-            max=ids[-1],
-            count=len(ids) * 4 + 16,
-            consumername=self.consumer,
-        )
-        counts = {r["message_id"]: int(r["times_delivered"]) for r in rows}
-        return [Delivery(d.entry_id, d.fields, counts.get(d.entry_id, 1)) for d in deliveries]
+        pipe = self.redis.pipeline(transaction=False)
+        for d in deliveries:
+            pipe.xpending_range(self.key, self.group, min=d.entry_id, max=d.entry_id, count=1)
+        rows = await pipe.execute()
+        out = []
+        for d, row in zip(deliveries, rows, strict=True):
+            count = int(row[0]["times_delivered"]) if row else 1
+            out.append(Delivery(d.entry_id, d.fields, count))
+        return out
 
     async def renew(self, entry_ids: Iterable[bytes]) -> set[bytes]:
         """Reset the idle time of entries we still own; returns those we own."""
@@ -154,16 +153,31 @@ class JobStream:
         owned = await self._renew(keys=[self.key], args=[self.group, self.consumer, *ids])
         return {x if isinstance(x, bytes) else str(x).encode() for x in owned}
 
-    async def reply_and_ack(self, replies: Sequence[OutgoingReply]) -> None:
-        """Write replies, then acknowledge and delete their requests."""
+    async def reply_and_ack(self, replies: Sequence[OutgoingReply]) -> list[tuple[OutgoingReply, Exception]]:
+        """Write replies, then acknowledge and delete the requests whose reply was written.
+
+        Returns the replies Redis refused, with its error; connection errors raise.
+        """
         if not replies:
-            return
+            return []
         pipe = self.redis.pipeline(transaction=False)
         for r in replies:
             pipe.xadd(r.reply_to, {keys.REPLY_FIELD: r.payload})
             pipe.pexpire(r.reply_to, self._reply_ttl_ms)
+        results = await pipe.execute(raise_on_error=False)
+        failed = [
+            (r, res) for r, res in zip(replies, results[::2], strict=True) if isinstance(res, Exception)
+        ]
+        refused = {id(r) for r, _ in failed}
+        await self.ack([r.entry_id for r in replies if id(r) not in refused])
+        return failed
+
+    async def send_reply(self, reply_to: str, payload: bytes) -> None:
+        """A reply with no request to acknowledge (the request was dead-lettered)."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.xadd(reply_to, {keys.REPLY_FIELD: payload})
+        pipe.pexpire(reply_to, self._reply_ttl_ms)
         await pipe.execute()
-        await self.ack([r.entry_id for r in replies])
 
     async def ack(self, entry_ids: Sequence[bytes]) -> None:
         if not entry_ids:
@@ -186,8 +200,3 @@ class JobStream:
             fields[b"f:" + (name if isinstance(name, bytes) else str(name).encode())] = value
         await self.redis.xadd(self.dlq, fields)
         await self.ack([delivery.entry_id])
-
-
-def _id_key(entry_id: bytes) -> tuple[int, int]:
-    ms, _, seq = entry_id.decode().partition("-")
-    return int(ms), int(seq or 0)
