@@ -130,6 +130,7 @@ class RedisServer:
                     log = (self.data_dir / "redis.log").read_text(errors="replace")[-2000:]
                     raise RedisServerError(f"redis-server exited at start:\n{log}")
                 if time.monotonic() > deadline:
+                    self.kill()
                     raise RedisServerError("redis-server did not answer PING in time")
                 time.sleep(0.05)
         finally:

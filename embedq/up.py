@@ -46,11 +46,12 @@ class Stack:
         cmd = [sys.executable, "-m", "embedq", "worker", "--redis-url", self.redis_url, *self.worker_args]
         if self.served_model_name:
             cmd += ["--served-model-name", self.served_model_name]
+        started_ms = int(time.time() * 1000)
         self._worker = subprocess.Popen(cmd)
-        self._wait_for_worker()
+        self._wait_for_worker(started_ms)
         return self
 
-    def _wait_for_worker(self) -> None:
+    def _wait_for_worker(self, started_ms: int) -> None:
         assert self.redis_url is not None and self._worker is not None
         client = redis.Redis.from_url(self.redis_url)
         deadline = time.monotonic() + self.start_timeout
@@ -58,7 +59,8 @@ class Stack:
             while time.monotonic() < deadline:
                 if self._worker.poll() is not None:
                     raise StackError(f"the worker exited at start (code {self._worker.returncode})")
-                if client.zcard(keys.workers_key(self.model)) > 0:
+                # A heartbeat newer than our start: an old one may survive in the AOF.
+                if client.zcount(keys.workers_key(self.model), started_ms, "+inf") > 0:
                     return
                 time.sleep(0.2)
         finally:

@@ -75,3 +75,19 @@ def test_prompts(tmp_path: Path) -> None:
 def test_not_a_model_folder(tmp_path: Path) -> None:
     with pytest.raises(ModelFolderError, match="config.json"):
         read_layout(tmp_path)
+
+
+def test_unapplied_st_modules_are_refused(tmp_path: Path) -> None:
+    folder = _folder(
+        tmp_path, {"model_type": "bert"}, **{"1_Pooling__config.json": {"pooling_mode_cls_token": True}}
+    )
+    modules = [
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+        {"idx": 2, "name": "2", "path": "2_Dense", "type": "sentence_transformers.models.Dense"},
+    ]
+    (folder / "modules.json").write_text(json.dumps(modules))
+    with pytest.raises(ModelFolderError, match="Dense"):
+        read_layout(folder)
+    (folder / "modules.json").write_text(json.dumps(modules[:2]))
+    assert read_layout(folder).pooling == "cls"

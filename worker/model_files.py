@@ -42,6 +42,28 @@ def _read_json(path: Path) -> dict[str, Any]:
     return data
 
 
+# sentence-transformers modules this worker applies (Normalize is the request's choice).
+_SUPPORTED_MODULES = ("Transformer", "Pooling", "Normalize")
+
+
+def check_modules(path: Path) -> None:
+    """Refuse a pipeline with modules we would silently skip (wrong vectors otherwise)."""
+    modules = path / "modules.json"
+    if not modules.is_file():
+        return
+    try:
+        entries = json.loads(modules.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ModelFolderError(f"cannot read {modules}: {exc}") from exc
+    for entry in entries:
+        kind = str(entry.get("type", "")).rsplit(".", 1)[-1]
+        if kind not in _SUPPORTED_MODULES:
+            raise ModelFolderError(
+                f"{path} uses the sentence-transformers module {kind!r} ({entry.get('path')}), "
+                "which embedq does not apply yet; serving it would give wrong vectors"
+            )
+
+
 def _pooling_folder(path: Path) -> Path | None:
     modules = path / "modules.json"
     if modules.is_file():
@@ -71,6 +93,7 @@ def read_layout(path: Path, *, pooling: Pooling | None = None) -> ModelLayout:
     """Describe the model folder at ``path``; ``pooling`` overrides what the folder says."""
     if not (path / "config.json").is_file():
         raise ModelFolderError(f"{path} has no config.json: not a Hugging Face model folder")
+    check_modules(path)
     config = _read_json(path / "config.json")
     model_type = str(config.get("model_type", "unknown"))
 

@@ -226,11 +226,10 @@ class Worker:
                     await asyncio.sleep(backoff)
                     backoff = min(backoff * 2, 5.0)
                     continue
-                if deliveries and not self._stopping.is_set():
+                if deliveries:
+                    # Even when a stop came during the read: these are ours now, and
+                    # answering them beats leaving them pending for a whole lease.
                     await self._admit_all(deliveries)
-                elif deliveries:
-                    # Read during shutdown: leave them pending for another worker.
-                    break
         finally:
             self._reader_done.set()
             self._work.set()
