@@ -8,7 +8,6 @@ Matryoshka cuts to the worker's post-processing.
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -135,7 +134,3 @@ class TorchBackend:
     def warmup(self) -> None:
         for n, length in ((1, 8), (8, 64)):
             self.embed([[self._pad_id + 1] * length] * n)
-
-
-def default_threads() -> int:
-    return max(1, len(os.sched_getaffinity(0)))
