@@ -58,6 +58,11 @@ def reply_stream(client_id: str) -> str:
     return f"{PREFIX}:reply:{check_client_id(client_id)}"
 
 
+def is_reply_stream(key: str) -> bool:
+    """True for a key shaped like a reply stream: the only keys a worker writes replies to."""
+    return key.startswith(f"{PREFIX}:reply:") and 0 < len(key) <= 256
+
+
 # Stream entry field names.
 JOB_FIELD = b"j"
 REPLY_FIELD = b"r"

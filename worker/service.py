@@ -269,7 +269,7 @@ class Worker:
             if raw is None:
                 raise ProtocolError("stream entry has no job field")
             job = unpack_job(raw, self.limits)
-            if not job.reply_to.startswith(f"{keys.PREFIX}:reply:"):
+            if not keys.is_reply_stream(job.reply_to):
                 raise ProtocolError(f"reply_to {job.reply_to!r} is not a reply stream")
         except ProtocolError as exc:
             await self._reject(d, raw, exc)
@@ -311,8 +311,7 @@ class Worker:
             isinstance(req_id, str)
             and 0 < len(req_id) <= 64
             and isinstance(reply_to, str)
-            and reply_to.startswith(f"{keys.PREFIX}:reply:")
-            and len(reply_to) <= 256
+            and keys.is_reply_stream(reply_to)
         ):
             payload = pack_reply(error_reply(req_id, error, None))
             await self._safe(self.stream.send_reply(reply_to, payload))
