@@ -4,7 +4,9 @@
     ├── RequestError              the caller sent something we will not run
     │   ├── ValidationError       bad field, too many tokens, unknown prompt   (TEI: Validation, 422)
     │   ├── TokenizerError        the tokenizer failed on an input             (TEI: Tokenizer, 422)
-    │   └── EmptyInputError       no inputs at all                             (TEI: Empty, 400)
+    │   ├── EmptyInputError       no inputs at all                             (TEI: Empty, 400)
+    │   └── PayloadTooLargeError  an HTTP body over the payload limit          (413)
+    ├── AuthenticationError       missing or wrong API key (HTTP gateway)      (401)
     ├── ModelNotServedError       no worker has ever registered the model      (404)
     ├── OverloadedError           admission limit reached                      (TEI: Overloaded, 429)
     ├── BackendError              the model failed                             (TEI: Backend, 424)
@@ -57,6 +59,18 @@ class EmptyInputError(RequestError):
     http_status = 400
 
 
+class PayloadTooLargeError(RequestError):
+    code = "payload_too_large"
+    tei_type = "PayloadTooLarge"
+    http_status = 413
+
+
+class AuthenticationError(EmbedqError):
+    code = "unauthorized"
+    tei_type = "Unauthorized"
+    http_status = 401
+
+
 class ModelNotServedError(EmbedqError):
     code = "model_not_served"
     tei_type = "NotFound"
@@ -101,6 +115,8 @@ _BY_CODE: dict[str, type[EmbedqError]] = {
         ValidationError,
         TokenizerError,
         EmptyInputError,
+        PayloadTooLargeError,
+        AuthenticationError,
         ModelNotServedError,
         OverloadedError,
         BackendError,

@@ -21,7 +21,9 @@ WIRE_VERSION: Literal[1] = 1
 MAX_JOB_INPUTS = 16_384
 
 JobKind = Literal["embed", "embed_all", "embed_sparse", "rerank", "predict", "tokenize", "decode"]
-# Kinds a worker of this release can run; the others are reserved in the schema.
+# Kinds an embedding worker of this release runs; the others are reserved in the schema
+# and answered with a BackendError (TEI's 424) until a backend serves them.
+EMBEDDING_MODEL_KINDS: tuple[JobKind, ...] = ("embed", "embed_all", "tokenize", "decode")
 TruncationDirection = Literal["right", "left"]
 
 # An input is a text or, as TEI allows, a list of token ids.
@@ -32,15 +34,14 @@ class _Wire(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
-class EmbedParams(_Wire):
-    """Parameters of an ``embed`` job; defaults are TEI's."""
+class EmbedAllParams(_Wire):
+    """Parameters of an ``embed_all`` job (one vector per token, no pooling), and the
+    encoding parameters every embedding kind shares; defaults are TEI's."""
 
-    normalize: bool = True
     # None: the worker's auto-truncate setting decides.
     truncate: bool | None = None
     truncation_direction: TruncationDirection = "right"
     prompt_name: str | None = Field(default=None, max_length=200)
-    dimensions: int | None = Field(default=None, ge=1)
     # Precision of the vectors on the wire (the model always pools in float32).
     encoding: Literal["float32", "float16"] = "float32"
 
@@ -51,7 +52,28 @@ class EmbedParams(_Wire):
         return value.lower() if isinstance(value, str) else value
 
 
-PARAMS_BY_KIND: dict[str, type[_Wire]] = {"embed": EmbedParams}
+class EmbedParams(EmbedAllParams):
+    """Parameters of an ``embed`` job: pooled vectors."""
+
+    normalize: bool = True
+    dimensions: int | None = Field(default=None, ge=1)
+
+
+class TokenizeParams(_Wire):
+    add_special_tokens: bool = True
+    prompt_name: str | None = Field(default=None, max_length=200)
+
+
+class DecodeParams(_Wire):
+    skip_special_tokens: bool = True
+
+
+PARAMS_BY_KIND: dict[str, type[_Wire]] = {
+    "embed": EmbedParams,
+    "embed_all": EmbedAllParams,
+    "tokenize": TokenizeParams,
+    "decode": DecodeParams,
+}
 
 
 class Job(_Wire):
@@ -79,6 +101,10 @@ class Job(_Wire):
     def embed_params(self) -> EmbedParams:
         return EmbedParams.model_validate(self.params)
 
+    def typed_params(self) -> _Wire:
+        """The params validated with the model of this job's kind (KeyError if it has none)."""
+        return PARAMS_BY_KIND[self.kind].model_validate(self.params)
+
 
 class ErrorBody(_Wire):
     code: str
@@ -105,12 +131,29 @@ class EmbedResult(_Wire):
     token_counts: list[int]
 
 
+class TokenList(_Wire):
+    """The tokens of one input, as parallel arrays (cheap to pack for long inputs).
+
+    ``starts``/``stops`` are UTF-8 byte offsets into the (prompted) text, -1 for tokens
+    that do not come from the text (special tokens).
+    """
+
+    ids: list[int]
+    texts: list[str]
+    special: list[bool]
+    starts: list[int]
+    stops: list[int]
+
+
 class Reply(_Wire):
     v: Literal[1] = WIRE_VERSION
     id: str
     ok: bool
     error: ErrorBody | None = None
+    # embed: (inputs × dim); embed_all: (all tokens × dim), split by token_counts.
     embed: EmbedResult | None = None
+    tokens: list[TokenList] | None = None
+    texts: list[str] | None = None
     meta: ReplyMeta | None = None
 
 

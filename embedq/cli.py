@@ -1,4 +1,4 @@
-"""The `embedq` command: `up` (all-in-one) and `worker`."""
+"""The `embedq` command: `up` (all-in-one), `worker` and `gateway`."""
 
 from __future__ import annotations
 
@@ -35,6 +35,19 @@ def _cmd_worker(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_gateway(ns: argparse.Namespace) -> int:
+    from embedq.producer.gateway.config import GatewayConfigError, gateway_config_from_args
+    from embedq.producer.gateway.server import run_gateway
+
+    try:
+        config = gateway_config_from_args(ns)
+    except (GatewayConfigError, ValueError) as exc:
+        logging.getLogger("embedq").error("%s", exc)
+        return 2
+    run_gateway(config)
+    return 0
+
+
 def _cmd_up(ns: argparse.Namespace, passthrough: list[str]) -> int:
     from embedq.up import Stack, StackError
 
@@ -43,10 +56,16 @@ def _cmd_up(ns: argparse.Namespace, passthrough: list[str]) -> int:
         data_dir=Path(ns.data_dir),
         served_model_name=ns.served_model_name,
         worker_args=passthrough,
+        gateway_port=None if ns.no_gateway else ns.port,
+        gateway_hostname=ns.hostname,
     )
     try:
         stack.start()
-        print(f"embedq is up: model {stack.model!r} on {stack.redis_url} (Ctrl-C stops)", flush=True)
+        where = f"; HTTP on http://{ns.hostname}:{ns.port}" if not ns.no_gateway else ""
+        print(
+            f"embedq is up: model {stack.model!r} on {stack.redis_url}{where} (Ctrl-C stops)",
+            flush=True,
+        )
         return stack.wait()
     except StackError as exc:
         logging.getLogger("embedq").error("%s", exc)
@@ -67,13 +86,22 @@ def build_parser() -> argparse.ArgumentParser:
     worker = sub.add_parser("worker", help="serve one model from a Redis stream")
     add_worker_arguments(worker)
 
+    from embedq.producer.gateway.config import add_gateway_arguments
+
+    gateway = sub.add_parser("gateway", help="serve TEI's and OpenAI's HTTP APIs in front of the queue")
+    add_gateway_arguments(gateway)
+
     up = sub.add_parser(
         "up",
-        help="start Redis (embedded unless --redis-url) and a worker; other flags go to the worker",
+        help="start Redis (embedded unless --redis-url), a worker and the HTTP gateway; "
+        "other flags go to the worker",
     )
     up.add_argument("--redis-url", default=os.environ.get("EMBEDQ_REDIS_URL"))
     up.add_argument("--data-dir", default=".embedq", help="where the embedded Redis keeps its data")
     up.add_argument("--served-model-name", default=None)
+    up.add_argument("--port", type=int, default=8080, help="the gateway's HTTP port")
+    up.add_argument("--hostname", default="127.0.0.1", help="the gateway's listen address")
+    up.add_argument("--no-gateway", action="store_true", help="run Redis and the worker only")
     return parser
 
 
@@ -85,4 +113,6 @@ def main(argv: list[str] | None = None) -> int:
         return _cmd_up(ns, rest)
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    if ns.command == "gateway":
+        return _cmd_gateway(ns)
     return _cmd_worker(ns)

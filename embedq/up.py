@@ -1,4 +1,5 @@
-"""`embedq up`: Redis (embedded when no URL is given) plus one worker, as child processes."""
+"""`embedq up`: Redis (embedded when no URL is given), one worker and the HTTP gateway,
+as child processes."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import logging
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,15 +27,19 @@ class StackError(Exception):
 
 @dataclass(kw_only=True)
 class Stack:
-    """Redis + one worker. Use as a context manager; leaving it stops both."""
+    """Redis + one worker + the gateway. Use as a context manager; leaving it stops them."""
 
     redis_url: str | None = None
     data_dir: Path = Path(".embedq")
     served_model_name: str | None = None
     worker_args: list[str] = field(default_factory=list)
+    # None: no gateway.
+    gateway_port: int | None = 8080
+    gateway_hostname: str = "127.0.0.1"
     start_timeout: float = 180.0
     _redis: RedisServer | None = None
     _worker: subprocess.Popen[bytes] | None = None
+    _gateway: subprocess.Popen[bytes] | None = None
 
     @property
     def model(self) -> str:
@@ -49,7 +56,34 @@ class Stack:
         started_ms = int(time.time() * 1000)
         self._worker = subprocess.Popen(cmd)
         self._wait_for_worker(started_ms)
+        if self.gateway_port is not None:
+            self._start_gateway()
         return self
+
+    def _start_gateway(self) -> None:
+        assert self.redis_url is not None
+        cmd = [
+            sys.executable, "-m", "embedq", "gateway",
+            "--redis-url", self.redis_url,
+            "--model", self.model,
+            "--port", str(self.gateway_port),
+            "--hostname", self.gateway_hostname,
+        ]  # fmt: skip
+        self._gateway = subprocess.Popen(cmd)
+        host = "127.0.0.1" if self.gateway_hostname in ("0.0.0.0", "::") else self.gateway_hostname
+        url = f"http://{host}:{self.gateway_port}/health"
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if self._gateway.poll() is not None:
+                raise StackError(f"the gateway exited at start (code {self._gateway.returncode})")
+            try:
+                with urllib.request.urlopen(url, timeout=2) as resp:
+                    if resp.status == 200:
+                        return
+            except (urllib.error.URLError, OSError):
+                pass
+            time.sleep(0.2)
+        raise StackError(f"the gateway did not answer {url} in time")
 
     def _wait_for_worker(self, started_ms: int) -> None:
         assert self.redis_url is not None and self._worker is not None
@@ -68,10 +102,23 @@ class Stack:
         raise StackError("the worker did not come up in time")
 
     def wait(self) -> int:
+        """Until a child exits; its exit code."""
         assert self._worker is not None
-        return self._worker.wait()
+        children = [p for p in (self._worker, self._gateway) if p is not None]
+        while True:
+            for proc in children:
+                code = proc.poll()
+                if code is not None:
+                    return code
+            time.sleep(0.5)
 
     def stop(self) -> None:
+        if self._gateway is not None and self._gateway.poll() is None:
+            self._gateway.terminate()
+            try:
+                self._gateway.wait(timeout=40)
+            except subprocess.TimeoutExpired:
+                self._gateway.kill()
         if self._worker is not None and self._worker.poll() is None:
             self._worker.terminate()
             try:

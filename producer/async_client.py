@@ -26,7 +26,7 @@ from embedq.common.errors import (
 )
 from embedq.common.ids import new_client_id, new_request_id, now_ms
 from embedq.common.settings import DEFAULT_MODEL_NAME, DEFAULT_REDIS_URL, RedisSettings, connect
-from embedq.common.wire import EmbedParams, Job, Reply, pack_job
+from embedq.common.wire import EmbedParams, Job, JobKind, Reply, pack_job
 from embedq.producer.replies import ReplyReader
 from embedq.producer.submitter import Submitter
 
@@ -111,7 +111,7 @@ class AsyncClient:
     # ---------------------------------------------------------------- low level
     async def request(
         self,
-        kind: Literal["embed"],
+        kind: JobKind,
         inputs: list[Any],
         params: dict[str, Any],
         *,
@@ -229,11 +229,21 @@ class AsyncClient:
                 await asyncio.gather(*pending, return_exceptions=True)
 
 
-def embeddings_of(reply: Reply) -> np.ndarray:
-    """The vectors of an ``embed`` reply, or its error raised as the typed exception."""
+def raise_for_error(reply: Reply) -> Reply:
+    """The reply itself when ok; otherwise its error, raised as the typed exception."""
     if not reply.ok:
         err = reply.error
         raise error_from_wire(err.code, err.message) if err else EmbedqError("request failed")
+    return reply
+
+
+def embeddings_of(reply: Reply) -> np.ndarray:
+    """The vectors of an ``embed`` reply, or its error raised as the typed exception.
+
+    For an ``embed_all`` reply: every token's vector, (total tokens × d); split them
+    with ``reply.embed.token_counts``.
+    """
+    raise_for_error(reply)
     if reply.embed is None:
         raise ProtocolError("reply carries no embeddings")
     res = reply.embed

@@ -4,5 +4,5 @@
 # Extra arguments are the question (e.g. `bash scripts/quickstart.sh "what is a stream?"`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-. scripts/install.sh worker,model,embedded-redis
+. scripts/install.sh all
 python examples/rag_quickstart.py "$@"

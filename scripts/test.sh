@@ -3,5 +3,5 @@
 # Extra arguments go to pytest (e.g. `bash scripts/test.sh -m slow`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-. scripts/install.sh worker,dev
+. scripts/install.sh dev
 python -m pytest "$@"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -84,3 +85,45 @@ def wait_for_workers(
             return
         time.sleep(0.1)
     raise TimeoutError("worker did not register in time")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class GatewayProcess(WorkerProcess):
+    url: str = ""
+
+
+def start_gateway(
+    redis_url: str,
+    tmp_dir: Path,
+    *args: str,
+    model: str = MODEL,
+    scope: str = "function",
+    timeout: float = 60,
+) -> GatewayProcess:
+    """Start `embedq gateway` on a free loopback port and wait until it answers HTTP."""
+    port = free_port()
+    log_path = tmp_dir / f"gateway-{time.monotonic_ns()}.log"
+    cmd = [
+        sys.executable, "-m", "embedq", "gateway",
+        "--redis-url", redis_url, "--hostname", "127.0.0.1", "--port", str(port), "--model", model, *args,
+    ]  # fmt: skip
+    with open(log_path, "wb") as log_file:
+        proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT)
+    STARTED[scope].append(proc)
+    gateway = GatewayProcess(proc, log_path, url=f"http://127.0.0.1:{port}")
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"gateway exited at start:\n{gateway.log()[-4000:]}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return gateway
+        except OSError:
+            time.sleep(0.1)
+    raise TimeoutError("gateway did not listen in time")

@@ -9,32 +9,58 @@ import numpy as np
 
 from embedq.common.codec import vectors_to_bytes
 from embedq.common.errors import EmbedqError
-from embedq.common.wire import EmbedParams, EmbedResult, ErrorBody, Job, Reply, ReplyMeta
+from embedq.common.wire import (
+    DecodeParams,
+    EmbedAllParams,
+    EmbedParams,
+    EmbedResult,
+    ErrorBody,
+    Job,
+    Reply,
+    ReplyMeta,
+    TokenizeParams,
+    TokenList,
+)
 from embedq.worker.postprocess import finish_vectors
 from embedq.worker.stream import Delivery
+
+# The typed params of the kinds a worker runs (validated at admission).
+JobParams = EmbedParams | EmbedAllParams | TokenizeParams | DecodeParams
 
 
 @dataclass(eq=False)
 class ActiveJob:
     delivery: Delivery
     job: Job
-    params: EmbedParams
+    params: JobParams
     received: float = field(default_factory=time.monotonic)
     queue_ms: float = 0.0
     tokenize_ms: float = 0.0
     infer_ms: float = 0.0
     batch_size: int = 0
     token_counts: list[int] = field(default_factory=list)
+    # embed: pooled rows (inputs × dim); embed_all: one (tokens × dim) array per input.
     pooled: np.ndarray | None = None
+    token_rows: list[np.ndarray | None] | None = None
+    # tokenize / decode results, computed in the tokenizer thread.
+    tokens: list[TokenList] | None = None
+    texts: list[str] | None = None
     remaining: int = 0
     error: EmbedqError | None = None
     # Set once the job is handed to the replier, so it is answered exactly once.
     finished: bool = False
 
+    @property
+    def per_token(self) -> bool:
+        return self.job.kind == "embed_all"
+
     def start(self, token_counts: list[int], dim: int) -> None:
         self.token_counts = token_counts
         self.remaining = len(token_counts)
-        self.pooled = np.empty((len(token_counts), dim), dtype=np.float32)
+        if self.per_token:
+            self.token_rows = [None] * len(token_counts)
+        else:
+            self.pooled = np.empty((len(token_counts), dim), dtype=np.float32)
 
     def meta(self, worker: str) -> ReplyMeta:
         return ReplyMeta(
@@ -50,17 +76,29 @@ class ActiveJob:
     def reply(self, worker: str) -> Reply:
         if self.error is not None:
             return error_reply(self.job.id, self.error, self.meta(worker))
-        assert self.pooled is not None
-        vectors = finish_vectors(
-            self.pooled, dimensions=self.params.dimensions, normalize=self.params.normalize
-        )
+        meta = self.meta(worker)
+        if self.tokens is not None:
+            return Reply(id=self.job.id, ok=True, tokens=self.tokens, meta=meta)
+        if self.texts is not None:
+            return Reply(id=self.job.id, ok=True, texts=self.texts, meta=meta)
+        if self.token_rows is not None:
+            assert isinstance(self.params, EmbedAllParams)
+            rows = [r for r in self.token_rows if r is not None]
+            vectors = np.ascontiguousarray(np.concatenate(rows, axis=0), dtype=np.float32)
+            encoding = self.params.encoding
+        else:
+            assert self.pooled is not None and isinstance(self.params, EmbedParams)
+            vectors = finish_vectors(
+                self.pooled, dimensions=self.params.dimensions, normalize=self.params.normalize
+            )
+            encoding = self.params.encoding
         result = EmbedResult(
-            dtype=self.params.encoding,
+            dtype=encoding,
             shape=(int(vectors.shape[0]), int(vectors.shape[1])),
-            data=vectors_to_bytes(vectors, self.params.encoding),
+            data=vectors_to_bytes(vectors, encoding),
             token_counts=self.token_counts,
         )
-        return Reply(id=self.job.id, ok=True, embed=result, meta=self.meta(worker))
+        return Reply(id=self.job.id, ok=True, embed=result, meta=meta)
 
 
 def error_reply(request_id: str, error: EmbedqError, meta: ReplyMeta | None) -> Reply:

@@ -32,13 +32,23 @@ from embedq.common.codec import DecodeLimits, decode
 from embedq.common.errors import (
     BackendError,
     EmbedqError,
+    EmptyInputError,
     ProtocolError,
     RequestTimeoutError,
     ValidationError,
 )
 from embedq.common.ids import now_ms
 from embedq.common.settings import connect
-from embedq.common.wire import EmbedParams, pack_reply, unpack_job
+from embedq.common.wire import (
+    EMBEDDING_MODEL_KINDS,
+    DecodeParams,
+    EmbedAllParams,
+    EmbedParams,
+    Input,
+    TokenizeParams,
+    pack_reply,
+    unpack_job,
+)
 from embedq.worker.backends.base import Backend
 from embedq.worker.batcher import Batcher, BatchLimits
 from embedq.worker.config import WorkerConfig
@@ -77,6 +87,22 @@ def _isolate_redelivered(seqs: list[_Seq]) -> list[list[_Seq]]:
         if s.job.delivery.deliveries > 1:
             alone.setdefault(id(s.job), []).append(s)
     return [g for g in (fresh, *alone.values()) if g]
+
+
+def _texts_only(inputs: Sequence[Input]) -> list[str]:
+    texts = [x for x in inputs if isinstance(x, str)]
+    if len(texts) != len(inputs):
+        raise ValidationError("`inputs` of a tokenize request must be strings")
+    if any(not t for t in texts):
+        raise ValidationError("`inputs` cannot be empty")
+    return texts
+
+
+def _ids_only(inputs: Sequence[Input]) -> list[list[int]]:
+    ids = [x for x in inputs if isinstance(x, list)]
+    if len(ids) != len(inputs):
+        raise ValidationError("`ids` of a decode request must be lists of token ids")
+    return ids
 
 
 class Worker:
@@ -207,6 +233,12 @@ class Worker:
             "max_batch_tokens": str(self.config.max_batch_tokens),
             "max_job_inputs": str(self.config.max_job_inputs),
             "prompts": ",".join(sorted(d.prompts)),
+            "device": d.device,
+            "max_batch_requests": str(self.config.max_batch_requests),
+            "auto_truncate": "true" if self.config.auto_truncate else "false",
+            "kinds": ",".join(EMBEDDING_MODEL_KINDS),
+            # Heartbeats older than this mean the worker is gone (the gateway's /health).
+            "liveness_ms": str(self._stale_ms()),
         }
 
     # ---------------------------------------------------------------- reading
@@ -280,10 +312,14 @@ class Worker:
         try:
             if job.deadline_ms and now_ms() > job.deadline_ms:
                 raise RequestTimeoutError("the request's deadline passed while it waited in the queue")
-            if job.kind != "embed":
-                raise BackendError(f"model {self.config.served_model_name} does not serve {job.kind!r}")
-            active.params = job.embed_params()
-            check_dimensions(active.params.dimensions, self.dim)
+            if job.kind not in EMBEDDING_MODEL_KINDS:
+                raise BackendError(
+                    f"model {self.config.served_model_name} is an embedding model and does not "
+                    f"serve {job.kind!r}"
+                )
+            active.params = job.typed_params()  # type: ignore[assignment]
+            if isinstance(active.params, EmbedParams):
+                check_dimensions(active.params.dimensions, self.dim)
             if len(job.inputs) > self.config.max_job_inputs:
                 raise ValidationError(
                     f"batch size {len(job.inputs)} > maximum allowed batch size {self.config.max_job_inputs}"
@@ -317,37 +353,59 @@ class Worker:
             await self._safe(self.stream.send_reply(reply_to, payload))
 
     def _tokenize(self, jobs: Sequence[ActiveJob]) -> list[list[list[int]] | None]:
+        """Token ids of embed jobs; tokenize and decode jobs are answered right here."""
         out: list[list[list[int]] | None] = []
+        tokenizer = self.backend.tokenizer
         for job in jobs:
             start = time.perf_counter()
+            params = job.params
+            seqs: list[list[int]] | None = None
             try:
-                seqs = encode_inputs(self.backend.tokenizer, job.job.inputs, self._options(job.params))
-                if any(not ids for ids in seqs):
-                    raise ValidationError("an input produced no tokens")
-                out.append(seqs)
+                if not job.job.inputs:
+                    raise EmptyInputError("Batch is empty")
+                if isinstance(params, TokenizeParams):
+                    job.tokens = tokenizer.tokenize(
+                        _texts_only(job.job.inputs),
+                        add_special_tokens=params.add_special_tokens,
+                        prompt=self._prompt(params.prompt_name),
+                    )
+                elif isinstance(params, DecodeParams):
+                    job.texts = [
+                        tokenizer.decode(ids, skip_special_tokens=params.skip_special_tokens)
+                        for ids in _ids_only(job.job.inputs)
+                    ]
+                else:
+                    assert isinstance(params, EmbedParams | EmbedAllParams)
+                    seqs = encode_inputs(tokenizer, job.job.inputs, self._options(params))
+                    if any(not ids for ids in seqs):
+                        raise ValidationError("an input produced no tokens")
             except EmbedqError as exc:
                 job.error = exc
-                out.append(None)
             except Exception as exc:  # a tokenizer bug must not kill the worker
                 log.exception("tokenization failed")
                 job.error = BackendError(f"tokenization failed: {exc}")
-                out.append(None)
+            out.append(seqs if job.error is None else None)
             job.tokenize_ms = (time.perf_counter() - start) * 1000
         return out
 
-    def _options(self, params: EmbedParams) -> EncodeOptions:
+    def _prompt(self, prompt_name: str | None) -> str | None:
+        """The prompt text for a request: its prompt_name, else the worker's default."""
         desc = self.backend.description
-        prompt = None
-        name = params.prompt_name or self.config.default_prompt_name or desc.default_prompt_name
-        if params.prompt_name is None and self.config.default_prompt:
-            prompt = self.config.default_prompt
-        elif name is not None:
-            if name not in desc.prompts:
-                known = ", ".join(sorted(desc.prompts)) or "none"
-                raise ValidationError(f"prompt_name {name!r} is not a known prompt (known: {known})")
-            prompt = desc.prompts[name]
+        if prompt_name is None and self.config.default_prompt:
+            return self.config.default_prompt
+        name = prompt_name or self.config.default_prompt_name or desc.default_prompt_name
+        if name is None:
+            return None
+        if name not in desc.prompts:
+            known = ", ".join(sorted(desc.prompts)) or "none"
+            raise ValidationError(f"prompt_name {name!r} is not a known prompt (known: {known})")
+        return desc.prompts[name]
+
+    def _options(self, params: EmbedParams | EmbedAllParams) -> EncodeOptions:
         truncate = self.config.auto_truncate if params.truncate is None else params.truncate
-        return EncodeOptions(truncate=truncate, direction=params.truncation_direction, prompt=prompt)
+        return EncodeOptions(
+            truncate=truncate, direction=params.truncation_direction, prompt=self._prompt(params.prompt_name)
+        )
 
     # ---------------------------------------------------------------- inference
     async def _engine_loop(self) -> None:
@@ -402,8 +460,14 @@ class Worker:
     def _infer(self, seqs: list[_Seq]) -> dict[ActiveJob, EmbedqError]:
         """Run a batch; on failure, bisect so one bad input fails only its own job."""
         try:
-            pooled = self.backend.embed([s.ids for s in seqs])
-            if not np.all(np.isfinite(pooled)):
+            pooled_seqs = [s for s in seqs if not s.job.per_token]
+            token_seqs = [s for s in seqs if s.job.per_token]
+            # A batch mixing kinds costs two forward passes; the mix is rare.
+            pooled = self.backend.embed([s.ids for s in pooled_seqs]) if pooled_seqs else None
+            rows = self.backend.embed_all([s.ids for s in token_seqs]) if token_seqs else []
+            if pooled is not None and not np.all(np.isfinite(pooled)):
+                raise FloatingPointError("non-finite values in the model output")
+            if any(not np.all(np.isfinite(r)) for r in rows):
                 raise FloatingPointError("non-finite values in the model output")
         except Exception as exc:
             if len(seqs) == 1:
@@ -413,9 +477,13 @@ class Worker:
             failures = self._infer(seqs[:mid])
             failures.update(self._infer(seqs[mid:]))
             return failures
-        for row, s in enumerate(seqs):
-            assert s.job.pooled is not None
-            s.job.pooled[s.index] = pooled[row]
+        if pooled is not None:
+            for row, s in enumerate(pooled_seqs):
+                assert s.job.pooled is not None
+                s.job.pooled[s.index] = pooled[row]
+        for s, r in zip(token_seqs, rows, strict=True):
+            assert s.job.token_rows is not None
+            s.job.token_rows[s.index] = r
         return {}
 
     # ---------------------------------------------------------------- replies

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from embedq.common.errors import EmptyInputError, TokenizerError, ValidationError
-from embedq.common.wire import Input, TruncationDirection
+from embedq.common.wire import Input, TokenList, TruncationDirection
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -29,6 +29,14 @@ class TextTokenizer(Protocol):
     vocab_size: int
 
     def encode(self, texts: Sequence[str], options: EncodeOptions) -> list[list[int]]: ...
+
+    def tokenize(
+        self, texts: Sequence[str], *, add_special_tokens: bool, prompt: str | None
+    ) -> list[TokenList]:
+        """Tokens with their text and UTF-8 byte offsets (TEI's /tokenize), no truncation."""
+        ...
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str: ...
 
 
 def too_long(given: int, limit: int) -> ValidationError:
@@ -104,5 +112,56 @@ class HFTokenizer:
             out.append(self._tok.post_process(enc, None, True).ids)
         return out
 
+    def tokenize(
+        self, texts: Sequence[str], *, add_special_tokens: bool, prompt: str | None
+    ) -> list[TokenList]:
+        texts = [(prompt or "") + t for t in texts]
+        try:
+            encodings = self._tok.encode_batch(list(texts), add_special_tokens=add_special_tokens)
+        except Exception as exc:
+            raise TokenizerError(f"tokenizer failed: {exc}") from exc
+        out = []
+        for text, enc in zip(texts, encodings, strict=True):
+            # Python's tokenizers reports character offsets; TEI's are byte offsets.
+            byte_at = char_to_byte_offsets(text)
+            raw = text.encode("utf-8")
+            pieces: list[str] = []
+            starts: list[int] = []
+            stops: list[int] = []
+            for token, (a, b), special in zip(enc.tokens, enc.offsets, enc.special_tokens_mask, strict=True):
+                if special:
+                    pieces.append(token)
+                    starts.append(-1)
+                    stops.append(-1)
+                else:
+                    start, stop = byte_at[a], byte_at[b]
+                    pieces.append(raw[start:stop].decode("utf-8", "replace"))
+                    starts.append(start)
+                    stops.append(stop)
+            out.append(
+                TokenList(
+                    ids=list(enc.ids),
+                    texts=pieces,
+                    special=[bool(m) for m in enc.special_tokens_mask],
+                    starts=starts,
+                    stops=stops,
+                )
+            )
+        return out
+
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        for tok in ids:
+            if not 0 <= tok < self.vocab_size:
+                raise ValidationError(f"token id {tok} is outside the vocabulary (size {self.vocab_size})")
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+
+def char_to_byte_offsets(text: str) -> list[int]:
+    """byte_at[i] = UTF-8 byte offset of character i (and of the end, at len(text))."""
+    out = [0] * (len(text) + 1)
+    pos = 0
+    for i, ch in enumerate(text):
+        out[i] = pos
+        pos += len(ch.encode("utf-8"))
+    out[len(text)] = pos
+    return out

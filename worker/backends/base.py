@@ -36,6 +36,10 @@ class Backend(Protocol):
         """Pooled, un-normalised float32 vectors (len(batch) × dim) for token-id sequences."""
         ...
 
+    def embed_all(self, batch: Sequence[Sequence[int]]) -> list[np.ndarray]:
+        """One float32 (len(seq) × dim) array of token vectors per sequence, no pooling."""
+        ...
+
     def warmup(self) -> None:
         """Run the model once so the first request is not slow."""
         ...

@@ -14,9 +14,10 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from embedq.common.wire import TokenList
 from embedq.worker.backends.base import ModelDescription
 from embedq.worker.config import WorkerConfig
-from embedq.worker.tokenization import EncodeOptions, too_long
+from embedq.worker.tokenization import EncodeOptions, char_to_byte_offsets, too_long
 
 _VOCAB = 30522
 _TABLE_ROWS = 8191
@@ -50,6 +51,34 @@ class FakeTokenizer:
             out.append([_CLS, *ids, _SEP])
         return out
 
+    def tokenize(
+        self, texts: Sequence[str], *, add_special_tokens: bool, prompt: str | None
+    ) -> list[TokenList]:
+        out = []
+        for text in texts:
+            text = (prompt or "") + text
+            byte_at = char_to_byte_offsets(text)
+            ids, pieces, starts, stops = [], [], [], []
+            pos = 0
+            for word in text.split():
+                at = text.index(word, pos)
+                pos = at + len(word)
+                ids.append(self._word_id(word))
+                pieces.append(word)
+                starts.append(byte_at[at])
+                stops.append(byte_at[pos])
+            special = [False] * len(ids)
+            if add_special_tokens:
+                ids, pieces = [_CLS, *ids, _SEP], ["[CLS]", *pieces, "[SEP]"]
+                starts, stops, special = [-1, *starts, -1], [-1, *stops, -1], [True, *special, True]
+            out.append(TokenList(ids=ids, texts=pieces, special=special, starts=starts, stops=stops))
+        return out
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        # Word ids are hashes and cannot be inverted: name them instead.
+        keep = [i for i in ids if not (skip_special_tokens and i in (_CLS, _SEP))]
+        return " ".join(f"<{i}>" for i in keep)
+
 
 class FakeBackend:
     def __init__(self, config: WorkerConfig) -> None:
@@ -82,6 +111,13 @@ class FakeBackend:
         if self._delay_per_token:
             time.sleep(self._delay_per_token * sum(len(ids) for ids in batch))
         return out
+
+    def embed_all(self, batch: Sequence[Sequence[int]]) -> list[np.ndarray]:
+        self.embed(batch)  # the same poison hooks and delay
+        return [
+            self._table[(np.asarray(ids, dtype=np.int64) * 31 + np.arange(len(ids)) * 7919) % _TABLE_ROWS]
+            for ids in batch
+        ]
 
     def warmup(self) -> None:
         return None

@@ -131,6 +131,12 @@ class TorchBackend:
             pooled = _pool(hidden, mask, lengths, self.pooling)
         return pooled.to("cpu").numpy()
 
+    def embed_all(self, batch: Sequence[Sequence[int]]) -> list[np.ndarray]:
+        ids, mask, _lengths = self._collate(batch)
+        with torch.inference_mode():
+            hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state.float().to("cpu")
+        return [hidden[row, : len(seq)].numpy() for row, seq in enumerate(batch)]
+
     def warmup(self) -> None:
         for n, length in ((1, 8), (8, 64)):
             self.embed([[self._pad_id + 1] * length] * n)

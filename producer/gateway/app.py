@@ -1,0 +1,115 @@
+"""The gateway's ASGI application: one SDK client, the model directory, the routes."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.exceptions import RequestValidationError
+from pydantic.json_schema import models_json_schema
+from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import Request
+from starlette.responses import Response
+
+from embedq.common.errors import BackendError, EmbedqError, ValidationError
+from embedq.common.ids import new_client_id
+from embedq.common.settings import connect
+from embedq.producer.async_client import AsyncClient
+from embedq.producer.gateway.config import GatewayConfig
+from embedq.producer.gateway.directory import ModelDirectory
+from embedq.producer.gateway.dispatch import Dispatcher
+from embedq.producer.gateway.http import ApiKeyMiddleware, error_response
+from embedq.producer.gateway.metrics import GatewayMetrics
+from embedq.producer.gateway.routes import VERSION, add_routes
+from embedq.producer.gateway.schemas import REQUEST_MODELS
+
+log = logging.getLogger(__name__)
+
+
+def create_app(config: GatewayConfig) -> FastAPI:
+    # One reply stream for the whole gateway process, however many requests.
+    client = AsyncClient(
+        model=config.model,
+        timeout=config.request_timeout_s,
+        client_id=new_client_id("gateway"),
+        redis_settings=config.redis,
+    )
+    directory = ModelDirectory(connect(config.redis, name="embedq-gateway-directory", max_connections=2))
+    directory.refresh_s = config.refresh_s
+    metrics = GatewayMetrics()
+    dispatcher = Dispatcher(client, directory, config)
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        await client.start()
+        await directory.start()
+        log.info("gateway serving %s (reply stream %s)", config.model, client.reply_stream)
+        try:
+            yield
+        finally:
+            await directory.close()
+            await directory.redis.aclose()
+            await client.close()
+
+    app = FastAPI(
+        title="embedq",
+        version=VERSION,
+        description="TEI- and OpenAI-compatible embeddings served by workers behind Redis Streams",
+        docs_url="/docs",
+        openapi_url="/api-doc/openapi.json",
+        redoc_url=None,
+        lifespan=lifespan,
+    )
+    app.state.dispatcher = dispatcher
+
+    async def on_embedq_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, EmbedqError)
+        metrics.failed(exc.code)
+        return error_response(exc, request.url.path)
+
+    async def on_validation_error(request: Request, exc: Exception) -> Response:
+        return await on_embedq_error(request, ValidationError(str(exc)))
+
+    async def on_unexpected(request: Request, exc: Exception) -> Response:
+        log.exception("unexpected error on %s", request.url.path, exc_info=exc)
+        return await on_embedq_error(request, BackendError(f"internal error: {type(exc).__name__}"))
+
+    app.add_exception_handler(EmbedqError, on_embedq_error)
+    app.add_exception_handler(RequestValidationError, on_validation_error)
+    app.add_exception_handler(Exception, on_unexpected)
+
+    add_routes(app, config, directory, dispatcher, metrics)
+    _document_bodies(app)
+    if config.cors_allow_origin:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(config.cors_allow_origin),
+            allow_methods=["GET", "POST", "OPTIONS"],
+            allow_headers=["*"],
+            expose_headers=["x-compute-type", "x-compute-time", "x-total-time", "x-queue-time"],
+        )
+    if config.api_key:
+        app.add_middleware(ApiKeyMiddleware, api_key=config.api_key)
+    return app
+
+
+def _document_bodies(app: FastAPI) -> None:
+    """Routes parse their own bodies (for speed and TEI's error shapes); their schemas
+    still belong in the OpenAPI document."""
+    original = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        schema = original()
+        _, defs = models_json_schema(
+            [(m, "validation") for m in REQUEST_MODELS], ref_template="#/components/schemas/{model}"
+        )
+        schema.setdefault("components", {}).setdefault("schemas", {}).update(defs.get("$defs", {}))
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]

@@ -1,0 +1,109 @@
+"""Gateway configuration: built once from flags and environment, frozen, passed down.
+
+Flags TEI has keep TEI's names and environment variables (``--payload-limit`` →
+PAYLOAD_LIMIT); embedq's own flags read EMBEDQ_* variables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass, field
+from typing import Literal
+
+from embedq.common.keys import check_model_name
+from embedq.common.settings import DEFAULT_MODEL_NAME, DEFAULT_REDIS_URL, RedisSettings
+
+ClientBatchPolicy = Literal["split", "reject"]
+
+
+class GatewayConfigError(Exception):
+    """The gateway cannot start with these settings."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class GatewayConfig:
+    redis: RedisSettings = field(default_factory=RedisSettings)
+    hostname: str = "0.0.0.0"
+    port: int = 8080
+    # The model TEI's routes use; /v1/embeddings may name any served model.
+    model: str = DEFAULT_MODEL_NAME
+    api_key: str | None = None
+    payload_limit: int = 2_000_000
+    max_client_batch_size: int = 32
+    client_batch_policy: ClientBatchPolicy = "split"
+    # Inputs in flight in this gateway (TEI's semaphore); a larger request runs alone.
+    max_concurrent_requests: int = 512
+    # 429 at once when the model's queue holds this many jobs (waiting + running).
+    max_queue_backlog: int = 2048
+    request_timeout_s: float = 60.0
+    cors_allow_origin: tuple[str, ...] = ()
+    # How often the gateway re-reads served models, heartbeats and backlogs.
+    refresh_s: float = 0.25
+
+
+def _env(name: str, default: str | None = None) -> str | None:
+    return os.environ.get(name.upper().replace("-", "_"), default)
+
+
+def add_gateway_arguments(parser: argparse.ArgumentParser) -> None:
+    a = parser.add_argument
+    a("--redis-url", default=_env("embedq_redis_url", DEFAULT_REDIS_URL))
+    a("--hostname", default=_env("hostname", "0.0.0.0"), help="address to listen on")
+    a("--port", type=int, default=int(_env("port", "8080") or 8080))
+    a(
+        "--model",
+        default=_env("embedq_model", DEFAULT_MODEL_NAME),
+        help="served model name TEI's routes use (default: %(default)s)",
+    )
+    a("--api-key", default=_env("api_key"), help="require `Authorization: Bearer <key>`")
+    a("--payload-limit", type=int, default=int(_env("payload_limit", "2000000") or 2_000_000))
+    a("--max-client-batch-size", type=int, default=int(_env("max_client_batch_size", "32") or 32))
+    a(
+        "--client-batch-policy",
+        choices=["split", "reject"],
+        default=_env("embedq_client_batch_policy", "split"),
+        help="larger batches: split across jobs and merge in order, or reject with 422",
+    )
+    a(
+        "--max-concurrent-requests",
+        type=int,
+        default=int(_env("max_concurrent_requests", "512") or 512),
+        help="inputs in flight in this gateway before 429",
+    )
+    a(
+        "--max-queue-backlog",
+        type=int,
+        default=int(_env("embedq_max_queue_backlog", "2048") or 2048),
+        help="jobs waiting or running in the model's queue before 429",
+    )
+    a("--request-timeout", type=float, default=float(_env("embedq_request_timeout", "60") or 60))
+    a(
+        "--cors-allow-origin",
+        action="append",
+        default=[o for o in (_env("cors_allow_origin") or "").split(",") if o],
+        help="an allowed CORS origin (repeat the flag, or comma-separate in the variable)",
+    )
+
+
+def gateway_config_from_args(ns: argparse.Namespace) -> GatewayConfig:
+    cfg = GatewayConfig(
+        redis=RedisSettings(url=ns.redis_url, max_connections=16),
+        hostname=ns.hostname,
+        port=ns.port,
+        model=check_model_name(ns.model),
+        api_key=ns.api_key or None,
+        payload_limit=ns.payload_limit,
+        max_client_batch_size=ns.max_client_batch_size,
+        client_batch_policy=ns.client_batch_policy,
+        max_concurrent_requests=ns.max_concurrent_requests,
+        max_queue_backlog=ns.max_queue_backlog,
+        request_timeout_s=ns.request_timeout,
+        cors_allow_origin=tuple(ns.cors_allow_origin),
+    )
+    for name in ("payload_limit", "max_client_batch_size", "max_concurrent_requests", "max_queue_backlog"):
+        if getattr(cfg, name) < 1:
+            raise GatewayConfigError(f"--{name.replace('_', '-')} must be at least 1")
+    if cfg.request_timeout_s <= 0:
+        raise GatewayConfigError("--request-timeout must be positive")
+    return cfg

@@ -1,0 +1,144 @@
+"""What the gateway knows of the served models, re-read from Redis in the background.
+
+Workers publish a description hash and heartbeats per model; the request stream's
+length is the model's backlog (workers delete what they acknowledge, so XLEN counts
+jobs waiting or running). Request handlers read this snapshot and never wait on Redis
+for it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from embedq.common import keys
+from embedq.common.ids import now_ms
+
+log = logging.getLogger(__name__)
+
+# Used when a worker of an older release did not publish its liveness window.
+DEFAULT_LIVENESS_MS = 10_000
+
+
+@dataclass(frozen=True)
+class ModelView:
+    name: str
+    info: dict[str, str]
+    live_workers: int
+    backlog: int
+
+    @property
+    def model_id(self) -> str:
+        return self.info.get("model_id", self.name)
+
+    @property
+    def model_type(self) -> str:
+        return self.info.get("model_type", "embedding")
+
+    @property
+    def kinds(self) -> frozenset[str]:
+        published = self.info.get("kinds")
+        return frozenset(published.split(",")) if published else frozenset({"embed"})
+
+    def int_field(self, name: str, default: int = 0) -> int:
+        try:
+            return int(self.info.get(name, default))
+        except ValueError:
+            return default
+
+
+@dataclass
+class ModelDirectory:
+    redis: aioredis.Redis
+    refresh_s: float = 0.25
+    models: dict[str, ModelView] = field(default_factory=dict)
+    # True after the last refresh reached Redis.
+    redis_ok: bool = False
+    _task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        await self.refresh()
+        self._task = asyncio.create_task(self._loop(), name="embedq-model-directory")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+
+    def get(self, name: str) -> ModelView | None:
+        """A served model by its served name, or else by its model id."""
+        view = self.models.get(name)
+        if view is not None:
+            return view
+        for view in self.models.values():
+            if view.model_id == name:
+                return view
+        return None
+
+    async def _loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.refresh_s)
+            await self.refresh()
+
+    async def refresh(self) -> None:
+        try:
+            self.models = await self._read()
+            self.redis_ok = True
+        except RedisError as exc:
+            if self.redis_ok:
+                log.warning("cannot refresh the served models from Redis: %s", exc)
+            self.redis_ok = False
+
+    async def live_workers(self, name: str) -> int:
+        """A fresh count of the model's live workers (for /health)."""
+        view = self.models.get(name)
+        window = view.int_field("liveness_ms", DEFAULT_LIVENESS_MS) if view else DEFAULT_LIVENESS_MS
+        return int(await self.redis.zcount(keys.workers_key(name), now_ms() - window, "+inf"))
+
+    async def _read(self) -> dict[str, ModelView]:
+        names = sorted(
+            n.decode() if isinstance(n, bytes) else str(n) for n in await self.redis.smembers(keys.MODELS_SET)
+        )
+        names = [n for n in names if _valid(n)]
+        if not names:
+            return {}
+        pipe = self.redis.pipeline(transaction=False)
+        for name in names:
+            pipe.hgetall(keys.model_info_key(name))
+            pipe.xlen(keys.jobs_stream(name))
+        first = await pipe.execute()
+        infos = [_decode_map(first[2 * i]) for i in range(len(names))]
+        now = now_ms()
+        pipe = self.redis.pipeline(transaction=False)
+        for name, info in zip(names, infos, strict=True):
+            window = _int(info.get("liveness_ms"), DEFAULT_LIVENESS_MS)
+            pipe.zcount(keys.workers_key(name), now - window, "+inf")
+        counts = await pipe.execute()
+        return {
+            name: ModelView(name=name, info=info, live_workers=int(count), backlog=int(first[2 * i + 1]))
+            for i, (name, info, count) in enumerate(zip(names, infos, counts, strict=True))
+        }
+
+
+def _valid(name: str) -> bool:
+    try:
+        keys.check_model_name(name)
+    except ValueError:
+        return False
+    return True
+
+
+def _int(text: str | None, default: int) -> int:
+    try:
+        return int(text) if text is not None else default
+    except ValueError:
+        return default
+
+
+def _decode_map(raw: dict[bytes, bytes]) -> dict[str, str]:
+    return {k.decode(errors="replace"): v.decode(errors="replace") for k, v in raw.items()}

@@ -1,0 +1,334 @@
+"""The gateway's routes: TEI's API, OpenAI's embeddings API and the Cohere-style rerank."""
+
+from __future__ import annotations
+
+import base64
+import time
+from collections.abc import Awaitable, Callable
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any
+
+import numpy as np
+from fastapi import FastAPI
+from redis.exceptions import RedisError
+from starlette.requests import Request
+from starlette.responses import Response
+
+from embedq.common.errors import BackendError, EmptyInputError, ValidationError
+from embedq.common.wire import EmbedAllParams, EmbedParams, Input, TokenizeParams
+from embedq.producer.gateway.config import GatewayConfig
+from embedq.producer.gateway.directory import ModelDirectory, ModelView
+from embedq.producer.gateway.dispatch import Dispatcher, Outcome
+from embedq.producer.gateway.http import json_response, read_json, timing_headers, validate
+from embedq.producer.gateway.metrics import GatewayMetrics
+from embedq.producer.gateway.schemas import (
+    CohereRerankRequest,
+    DecodeRequest,
+    EmbedAllRequest,
+    EmbedRequest,
+    EmbedSparseRequest,
+    OpenAIEmbeddingsRequest,
+    PredictRequest,
+    RerankRequest,
+    SimilarityRequest,
+    TokenizeRequest,
+    as_inputs,
+)
+
+try:
+    VERSION = version("embedq")
+except PackageNotFoundError:  # running from a source tree
+    VERSION = "0.0.0"
+
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+def _body_doc(model: type[Any]) -> dict[str, Any]:
+    """OpenAPI for a route that parses its own body (see app.openapi)."""
+    ref = {"$ref": f"#/components/schemas/{model.__name__}"}
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": ref}}}}
+
+
+def _characters(inputs: list[Input]) -> int:
+    return sum(len(x) for x in inputs if isinstance(x, str))
+
+
+def _check_dimensions(dimensions: int | None, view: ModelView) -> None:
+    if dimensions is None:
+        return
+    if dimensions < 1:
+        raise ValidationError("`dimensions` must be a positive integer")
+    width = view.int_field("dim")
+    if width and dimensions > width:
+        raise ValidationError(
+            f"The number of `dimensions` requested ({dimensions}) is greater than "
+            f"the model's embedding size ({width})"
+        )
+
+
+def add_routes(
+    app: FastAPI,
+    config: GatewayConfig,
+    directory: ModelDirectory,
+    dispatcher: Dispatcher,
+    metrics: GatewayMetrics,
+) -> None:
+    def post(path: str, body: type[Any], summary: str) -> Callable[[Handler], Handler]:
+        def register(fn: Handler) -> Handler:
+            app.add_api_route(
+                path,
+                fn,
+                methods=["POST"],
+                summary=summary,
+                openapi_extra=_body_doc(body),
+                response_model=None,
+            )
+            return fn
+
+        return register
+
+    def finish(
+        family: str, outcome: Outcome, started: float, body: Any, inputs: list[Input], batch: bool
+    ) -> Response:
+        total_s = time.perf_counter() - started
+        metrics.succeeded(
+            family,
+            batch=batch,
+            total_s=total_s,
+            tokenize_s=outcome.mean_ms("tokenize_ms") / 1000,
+            queue_s=outcome.mean_ms("queue_ms") / 1000,
+            infer_s=outcome.mean_ms("infer_ms") / 1000,
+            tokens=outcome.tokens,
+            batch_size=outcome.batch_size,
+        )
+        return json_response(body, headers=timing_headers(outcome, total_s * 1000, _characters(inputs)))
+
+    def embed_params(req: EmbedRequest, view: ModelView) -> dict[str, Any]:
+        _check_dimensions(req.dimensions, view)
+        return EmbedParams(
+            normalize=req.normalize,
+            truncate=req.truncate,
+            truncation_direction=req.truncation_direction,  # type: ignore[arg-type]
+            prompt_name=req.prompt_name,
+            dimensions=req.dimensions,
+        ).model_dump(exclude_defaults=True)
+
+    # ------------------------------------------------------------------ TEI routes
+    @post("/embed", EmbedRequest, "Pooled embeddings")
+    async def embed(request: Request) -> Response:
+        started = time.perf_counter()
+        req = validate(EmbedRequest, await read_json(request, config.payload_limit))
+        inputs, batch = as_inputs(req.inputs)
+        metrics.received("embed", batch)
+        params = embed_params(req, dispatcher.resolve(None))
+        outcome = await dispatcher.run("embed", inputs, params)
+        return finish("embed", outcome, started, outcome.vectors(), inputs, batch)
+
+    @post("/embed_all", EmbedAllRequest, "One embedding per token, no pooling")
+    async def embed_all(request: Request) -> Response:
+        started = time.perf_counter()
+        req = validate(EmbedAllRequest, await read_json(request, config.payload_limit))
+        inputs, batch = as_inputs(req.inputs)
+        metrics.received("embed", batch)
+        params = EmbedAllParams(
+            truncate=req.truncate,
+            truncation_direction=req.truncation_direction,  # type: ignore[arg-type]
+            prompt_name=req.prompt_name,
+        ).model_dump(exclude_defaults=True)
+        outcome = await dispatcher.run("embed_all", inputs, params)
+        rows = outcome.vectors()
+        bounds = np.cumsum([0, *outcome.token_counts()])
+        per_input = [rows[bounds[i] : bounds[i + 1]] for i in range(len(bounds) - 1)]
+        return finish("embed", outcome, started, per_input, inputs, batch)
+
+    @post("/embed_sparse", EmbedSparseRequest, "SPLADE sparse embeddings")
+    async def embed_sparse(request: Request) -> Response:
+        req = validate(EmbedSparseRequest, await read_json(request, config.payload_limit))
+        inputs, batch = as_inputs(req.inputs)
+        metrics.received("embed", batch)
+        return await not_served("embed_sparse", len(inputs))
+
+    @post("/rerank", RerankRequest, "Cross-encoder scores of texts against a query")
+    async def rerank(request: Request) -> Response:
+        req = validate(RerankRequest, await read_json(request, config.payload_limit))
+        if not req.texts:
+            raise EmptyInputError("`texts` cannot be empty")
+        metrics.received("predict", len(req.texts) > 1)
+        return await not_served("rerank", len(req.texts))
+
+    @post("/v1/rerank", CohereRerankRequest, "Rerank in the Cohere/Jina shape (top_n, return_documents)")
+    async def rerank_v1(request: Request) -> Response:
+        req = validate(CohereRerankRequest, await read_json(request, config.payload_limit))
+        if not req.documents:
+            raise EmptyInputError("`documents` cannot be empty")
+        metrics.received("predict", len(req.documents) > 1)
+        return await not_served("rerank", len(req.documents), model=req.model)
+
+    @post("/predict", PredictRequest, "Sequence classification")
+    async def predict(request: Request) -> Response:
+        req = validate(PredictRequest, await read_json(request, config.payload_limit))
+        if req.inputs in ([], "", None):
+            raise EmptyInputError("Batch is empty")
+        metrics.received("predict", isinstance(req.inputs, list))
+        return await not_served("predict", 1)
+
+    async def not_served(kind: Any, n_inputs: int, model: str | None = None) -> Response:
+        view = dispatcher.resolve(model)
+        dispatcher.admit(view, kind, n_inputs)
+        # A worker advertises this kind, but this gateway release cannot shape its answer.
+        raise BackendError(f"this gateway does not serve {kind!r} requests yet")
+
+    @post("/similarity", SimilarityRequest, "Cosine similarity of sentences to a source sentence")
+    async def similarity(request: Request) -> Response:
+        started = time.perf_counter()
+        req = validate(SimilarityRequest, await read_json(request, config.payload_limit))
+        if not req.inputs.sentences:
+            raise EmptyInputError("`sentences` cannot be empty")
+        p = req.parameters
+        params = EmbedParams(
+            normalize=True,
+            truncate=p.truncate if p else None,
+            truncation_direction=(p.truncation_direction if p else "right"),  # type: ignore[arg-type]
+            prompt_name=p.prompt_name if p else None,
+        ).model_dump(exclude_defaults=True)
+        inputs: list[Input] = [req.inputs.source_sentence, *req.inputs.sentences]
+        metrics.received("embed", True)
+        outcome = await dispatcher.run("embed", inputs, params)
+        vectors = outcome.vectors()
+        scores = vectors[1:] @ vectors[0]
+        return finish("embed", outcome, started, scores, inputs, True)
+
+    @post("/tokenize", TokenizeRequest, "Tokens with their text and byte offsets")
+    async def tokenize(request: Request) -> Response:
+        req = validate(TokenizeRequest, await read_json(request, config.payload_limit))
+        inputs, _batch = as_inputs(req.inputs)
+        metrics.received("request", len(inputs) > 1)
+        params = TokenizeParams(add_special_tokens=req.add_special_tokens, prompt_name=req.prompt_name)
+        outcome = await dispatcher.run("tokenize", inputs, params.model_dump(exclude_defaults=True))
+        body = [
+            [
+                {
+                    "id": tid,
+                    "text": text,
+                    "special": special,
+                    "start": None if start < 0 else start,
+                    "stop": None if stop < 0 else stop,
+                }
+                for tid, text, special, start, stop in zip(
+                    tl.ids, tl.texts, tl.special, tl.starts, tl.stops, strict=True
+                )
+            ]
+            for r in outcome.replies
+            for tl in (r.tokens or [])
+        ]
+        return json_response(body)
+
+    @post("/decode", DecodeRequest, "Token ids back to text")
+    async def decode(request: Request) -> Response:
+        req = validate(DecodeRequest, await read_json(request, config.payload_limit))
+        ids: list[Input]
+        if req.ids and isinstance(req.ids[0], list):
+            ids = [list(x) for x in req.ids]  # type: ignore[arg-type]
+        else:
+            ids = [list(req.ids)]  # type: ignore[arg-type]
+        if not ids or any(not x for x in ids):
+            raise EmptyInputError("`ids` cannot be empty")
+        metrics.received("request", len(ids) > 1)
+        params = {} if req.skip_special_tokens else {"skip_special_tokens": False}
+        outcome = await dispatcher.run("decode", ids, params)
+        return json_response([t for r in outcome.replies for t in (r.texts or [])])
+
+    @post("/", EmbedRequest, "Routed by the model's kind (an embedding model: /embed)")
+    async def root(request: Request) -> Response:
+        view = dispatcher.resolve(None)
+        if view.model_type == "embedding":
+            return await embed(request)
+        raise BackendError(f"model {view.name!r} is a {view.model_type} model, which / cannot route yet")
+
+    # --------------------------------------------------------------- OpenAI routes
+    async def openai_embeddings(request: Request) -> Response:
+        started = time.perf_counter()
+        req = validate(OpenAIEmbeddingsRequest, await read_json(request, config.payload_limit))
+        inputs, batch = as_inputs(req.input, field="input")
+        view = dispatcher.resolve(req.model)
+        _check_dimensions(req.dimensions, view)
+        params = EmbedParams(dimensions=req.dimensions).model_dump(exclude_defaults=True)
+        metrics.received("embed", batch)
+        outcome = await dispatcher.run("embed", inputs, params, model=view.name)
+        vectors = outcome.vectors()
+        if req.encoding_format == "base64":
+            vectors = vectors.astype("<f4", copy=False)
+            items: list[Any] = [base64.b64encode(row.tobytes()).decode("ascii") for row in vectors]
+        else:
+            items = list(vectors)
+        tokens = sum(outcome.token_counts())
+        body = {
+            "object": "list",
+            "data": [{"object": "embedding", "embedding": e, "index": i} for i, e in enumerate(items)],
+            "model": req.model or view.name,
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+        }
+        return finish("embed", outcome, started, body, inputs, batch)
+
+    for path in ("/v1/embeddings", "/embeddings"):
+        app.add_api_route(
+            path,
+            openai_embeddings,
+            methods=["POST"],
+            summary="OpenAI-compatible embeddings (float or base64)",
+            openapi_extra=_body_doc(OpenAIEmbeddingsRequest),
+            response_model=None,
+        )
+
+    @app.get("/v1/models", summary="Served models (OpenAI shape)")
+    async def list_models() -> Response:
+        data = [
+            {"id": name, "object": "model", "created": 0, "owned_by": "embedq"}
+            for name, view in sorted(directory.models.items())
+            if view.live_workers
+        ]
+        return json_response({"object": "list", "data": data})
+
+    # ------------------------------------------------------------ info and probes
+    @app.get("/info", summary="Model and limits")
+    async def info() -> Response:
+        view = dispatcher.resolve(None)
+        i = view.info
+        pooling = i.get("pooling", "mean")
+        return json_response(
+            {
+                "model_id": view.model_id,
+                "model_sha": None,
+                "model_dtype": i.get("dtype", "float32"),
+                "served_model_name": view.name,
+                "model_type": {"embedding": {"pooling": pooling}},
+                "max_concurrent_requests": config.max_concurrent_requests,
+                "max_input_length": view.int_field("max_input_length"),
+                "max_batch_tokens": view.int_field("max_batch_tokens"),
+                "max_batch_requests": view.int_field("max_batch_requests") or None,
+                "max_client_batch_size": config.max_client_batch_size,
+                "auto_truncate": i.get("auto_truncate", "true") == "true",
+                "tokenization_workers": 1,
+                "version": VERSION,
+                "sha": None,
+                "docker_label": None,
+            }
+        )
+
+    async def health(request: Request) -> Response:
+        try:
+            live = await directory.live_workers(config.model)
+        except RedisError:
+            live = 0
+        if live:
+            return Response(status_code=200)
+        return json_response({"error": "unhealthy", "error_type": "Unhealthy"}, 503)
+
+    for path in ("/health", "/ping"):
+        app.add_api_route(path, health, methods=["GET"], summary="200 when a live worker serves the model")
+
+    @app.get("/metrics", summary="Prometheus metrics")
+    async def prometheus() -> Response:
+        view = directory.models.get(config.model)
+        metrics.queue_size.set(view.backlog if view else 0)
+        return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
