@@ -56,6 +56,18 @@ def test_sdk_import_loads_no_torch() -> None:
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
+def test_gateway_loads_no_torch() -> None:
+    code = (
+        "import sys;"
+        "from embedq.producer.gateway.app import create_app;"
+        "from embedq.producer.gateway.config import GatewayConfig;"
+        "create_app(GatewayConfig());"
+        "bad = [m for m in ('torch', 'transformers', 'tokenizers') if m in sys.modules];"
+        "assert not bad, bad"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
 def test_public_api_is_complete() -> None:
     import embedq
 

