@@ -21,29 +21,33 @@ WIRE_VERSION: Literal[1] = 1
 MAX_JOB_INPUTS = 16_384
 
 JobKind = Literal["embed", "embed_all", "embed_sparse", "rerank", "predict", "tokenize", "decode"]
-# Kinds an embedding worker of this release runs; the others are reserved in the schema
-# and answered with a BackendError (TEI's 424) until a backend serves them.
-EMBEDDING_MODEL_KINDS: tuple[JobKind, ...] = ("embed", "embed_all", "tokenize", "decode")
+ModelType = Literal["embedding", "classifier", "reranker"]
+# The kinds a worker runs for each type of model; other kinds get a BackendError (TEI's
+# 424 for a route of the wrong model type). embed_sparse is reserved for SPLADE models.
+KINDS_BY_MODEL_TYPE: dict[str, tuple[JobKind, ...]] = {
+    "embedding": ("embed", "embed_all", "tokenize", "decode"),
+    "reranker": ("rerank", "predict", "tokenize", "decode"),
+    "classifier": ("predict", "tokenize", "decode"),
+}
+# Kinds whose reply carries one row of raw logits per input (Reply.scores).
+SCORE_KINDS: tuple[JobKind, ...] = ("rerank", "predict")
 TruncationDirection = Literal["right", "left"]
 
-# An input is a text or, as TEI allows, a list of token ids.
-Input = str | list[int]
+# An input is a text or, as TEI allows, a list of token ids; for `predict`, also a
+# [text, text] pair.
+Input = str | list[int] | list[str]
 
 
 class _Wire(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
-class EmbedAllParams(_Wire):
-    """Parameters of an ``embed_all`` job (one vector per token, no pooling), and the
-    encoding parameters every embedding kind shares; defaults are TEI's."""
+class TruncationParams(_Wire):
+    """How inputs over the model's limit are handled; defaults are TEI's."""
 
     # None: the worker's auto-truncate setting decides.
     truncate: bool | None = None
     truncation_direction: TruncationDirection = "right"
-    prompt_name: str | None = Field(default=None, max_length=200)
-    # Precision of the vectors on the wire (the model always pools in float32).
-    encoding: Literal["float32", "float16"] = "float32"
 
     @field_validator("truncation_direction", mode="before")
     @classmethod
@@ -52,11 +56,30 @@ class EmbedAllParams(_Wire):
         return value.lower() if isinstance(value, str) else value
 
 
+class EmbedAllParams(TruncationParams):
+    """Parameters of an ``embed_all`` job (one vector per token, no pooling), and the
+    encoding parameters every embedding kind shares."""
+
+    prompt_name: str | None = Field(default=None, max_length=200)
+    # Precision of the vectors on the wire (the model always pools in float32).
+    encoding: Literal["float32", "float16"] = "float32"
+
+
 class EmbedParams(EmbedAllParams):
     """Parameters of an ``embed`` job: pooled vectors."""
 
     normalize: bool = True
     dimensions: int | None = Field(default=None, ge=1)
+
+
+class RerankParams(TruncationParams):
+    """A ``rerank`` job scores each input against ``query`` (one pair per input)."""
+
+    query: str = Field(min_length=1)
+
+
+class PredictParams(TruncationParams):
+    """A ``predict`` job classifies each input: a text or a [text, text] pair."""
 
 
 class TokenizeParams(_Wire):
@@ -71,6 +94,8 @@ class DecodeParams(_Wire):
 PARAMS_BY_KIND: dict[str, type[_Wire]] = {
     "embed": EmbedParams,
     "embed_all": EmbedAllParams,
+    "rerank": RerankParams,
+    "predict": PredictParams,
     "tokenize": TokenizeParams,
     "decode": DecodeParams,
 }
@@ -152,6 +177,9 @@ class Reply(_Wire):
     error: ErrorBody | None = None
     # embed: (inputs × dim); embed_all: (all tokens × dim), split by token_counts.
     embed: EmbedResult | None = None
+    # rerank / predict: raw logits, (inputs × labels), with the labels' names.
+    scores: EmbedResult | None = None
+    labels: list[str] | None = None
     tokens: list[TokenList] | None = None
     texts: list[str] | None = None
     meta: ReplyMeta | None = None

@@ -18,6 +18,7 @@ from embedq.common.errors import (
     TokenizerError,
     ValidationError,
 )
+from embedq.common.scores import Prediction, Ranked
 from embedq.producer import AsyncClient, Client
 
 __version__ = "0.1.0"
@@ -30,8 +31,10 @@ __all__ = [
     "EmptyInputError",
     "ModelNotServedError",
     "OverloadedError",
+    "Prediction",
     "ProtocolError",
     "QueueUnavailableError",
+    "Ranked",
     "RequestError",
     "RequestTimeoutError",
     "TokenizerError",

@@ -33,8 +33,8 @@ class Stack:
     data_dir: Path = Path(".embedq")
     served_model_name: str | None = None
     worker_args: list[str] = field(default_factory=list)
-    # None: no gateway.
-    gateway_port: int | None = 8080
+    # None: no gateway (`embedq up` passes --port, 8080 by default).
+    gateway_port: int | None = None
     gateway_hostname: str = "127.0.0.1"
     start_timeout: float = 180.0
     _redis: RedisServer | None = None

@@ -9,6 +9,7 @@ from collections.abc import AsyncIterable, AsyncIterator, Iterable, Sequence
 from typing import Any, Literal
 
 import numpy as np
+from pydantic import BaseModel
 from pydantic import ValidationError as PydanticValidationError
 from redis.exceptions import RedisError
 
@@ -25,8 +26,9 @@ from embedq.common.errors import (
     error_from_wire,
 )
 from embedq.common.ids import new_client_id, new_request_id, now_ms
+from embedq.common.scores import Prediction, Ranked, predictions, rank
 from embedq.common.settings import DEFAULT_MODEL_NAME, DEFAULT_REDIS_URL, RedisSettings, connect
-from embedq.common.wire import EmbedParams, Job, JobKind, Reply, pack_job
+from embedq.common.wire import EmbedParams, Job, JobKind, PredictParams, Reply, RerankParams, pack_job
 from embedq.producer.replies import ReplyReader
 from embedq.producer.submitter import Submitter
 
@@ -184,19 +186,65 @@ class AsyncClient:
         inputs = _as_inputs(texts)
         if not inputs:
             raise EmptyInputError("Batch is empty")
-        try:
-            params = EmbedParams(
-                normalize=normalize,
-                truncate=truncate,
-                truncation_direction=truncation_direction,
-                prompt_name=prompt_name,
-                dimensions=dimensions,
-            ).model_dump(exclude_defaults=True)
-        except PydanticValidationError as exc:
-            first = exc.errors()[0]
-            raise ValidationError(f"invalid parameter {first['loc'][0]}: {first['msg']}") from None
+        params = _params(
+            EmbedParams,
+            normalize=normalize,
+            truncate=truncate,
+            truncation_direction=truncation_direction,
+            prompt_name=prompt_name,
+            dimensions=dimensions,
+        )
         reply = await self.request("embed", inputs, params, model=model, timeout=timeout)
         return embeddings_of(reply)
+
+    async def rerank(
+        self,
+        query: str,
+        texts: Sequence[str],
+        *,
+        raw_scores: bool = False,
+        top_n: int | None = None,
+        truncate: bool | None = None,
+        truncation_direction: Literal["right", "left"] = "right",
+        model: str | None = None,
+        timeout: float | None = None,
+    ) -> list[Ranked]:
+        """Texts ranked by a cross-encoder's relevance to ``query``, highest first.
+
+        Scores are the sigmoid of the model's logit unless ``raw_scores``; ``top_n``
+        keeps the best n. Each hit's ``index`` points into ``texts``.
+        """
+        if isinstance(texts, str):
+            raise ValidationError("`texts` must be a list of strings")
+        if not texts:
+            raise EmptyInputError("`texts` cannot be empty")
+        params = _params(
+            RerankParams, query=query, truncate=truncate, truncation_direction=truncation_direction
+        )
+        reply = await self.request("rerank", list(texts), params, model=model, timeout=timeout)
+        logits, _ = scores_of(reply)
+        return rank(logits, raw_scores=raw_scores, top_n=top_n)
+
+    async def predict(
+        self,
+        inputs: str | Sequence[str | Sequence[str]],
+        *,
+        raw_scores: bool = False,
+        truncate: bool | None = None,
+        truncation_direction: Literal["right", "left"] = "right",
+        model: str | None = None,
+        timeout: float | None = None,
+    ) -> list[list[Prediction]]:
+        """Classify texts or (text, text) pairs: per input, every label with its score
+        (softmax over labels, sigmoid for one label, unless ``raw_scores``), best first.
+
+        A single string or a single pair is one input.
+        """
+        items = predict_inputs(inputs)
+        params = _params(PredictParams, truncate=truncate, truncation_direction=truncation_direction)
+        reply = await self.request("predict", items, params, model=model, timeout=timeout)
+        logits, labels = scores_of(reply)
+        return predictions(logits, labels, raw_scores=raw_scores)
 
     async def embed_many(
         self,
@@ -229,6 +277,38 @@ class AsyncClient:
                 await asyncio.gather(*pending, return_exceptions=True)
 
 
+def predict_inputs(inputs: Any) -> list[Any]:
+    """TEI's predict forms: a text, a [text, text] pair, or a list of texts and pairs.
+
+    A list of exactly two strings is one pair, as in TEI.
+    """
+    if isinstance(inputs, str):
+        return [inputs]
+    items = list(inputs)
+    if not items:
+        raise EmptyInputError("Batch is empty")
+    if len(items) == 2 and all(isinstance(x, str) for x in items):
+        return [list(items)]
+    out: list[Any] = []
+    for item in items:
+        if isinstance(item, str):
+            out.append(item)
+        elif isinstance(item, list | tuple) and len(item) == 2 and all(isinstance(x, str) for x in item):
+            out.append(list(item))
+        else:
+            raise ValidationError("`inputs` must be texts or [text, text] pairs")
+    return out
+
+
+def _params(model: type[BaseModel], **values: Any) -> dict[str, Any]:
+    """Validated job parameters, without the defaults (smaller jobs)."""
+    try:
+        return model(**values).model_dump(exclude_defaults=True)
+    except PydanticValidationError as exc:
+        first = exc.errors()[0]
+        raise ValidationError(f"invalid parameter {first['loc'][0]}: {first['msg']}") from None
+
+
 def raise_for_error(reply: Reply) -> Reply:
     """The reply itself when ok; otherwise its error, raised as the typed exception."""
     if not reply.ok:
@@ -248,6 +328,15 @@ def embeddings_of(reply: Reply) -> np.ndarray:
         raise ProtocolError("reply carries no embeddings")
     res = reply.embed
     return vectors_from_bytes(res.data, res.dtype, res.shape)
+
+
+def scores_of(reply: Reply) -> tuple[np.ndarray, list[str]]:
+    """Raw logits (inputs × labels) of a rerank or predict reply, with the label names."""
+    raise_for_error(reply)
+    if reply.scores is None:
+        raise ProtocolError("reply carries no scores")
+    res = reply.scores
+    return vectors_from_bytes(res.data, res.dtype, res.shape), list(reply.labels or [])
 
 
 async def _chunks(texts: Iterable[str] | AsyncIterable[str], size: int) -> AsyncIterator[list[str]]:

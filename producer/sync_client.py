@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Coroutine, Iterable, Iterator
+from collections.abc import Coroutine, Iterable, Iterator, Sequence
 from typing import Any, TypeVar
 
 import numpy as np
 
+from embedq.common.scores import Prediction, Ranked
 from embedq.common.settings import DEFAULT_MODEL_NAME, DEFAULT_REDIS_URL
 from embedq.producer.async_client import AsyncClient, Texts
 
@@ -36,6 +37,12 @@ class Client:
 
     def embed(self, texts: Texts, **params: Any) -> np.ndarray:
         return self._call(self._async.embed(texts, **params))
+
+    def rerank(self, query: str, texts: Sequence[str], **params: Any) -> list[Ranked]:
+        return self._call(self._async.rerank(query, texts, **params))
+
+    def predict(self, inputs: str | Sequence[str | Sequence[str]], **params: Any) -> list[list[Prediction]]:
+        return self._call(self._async.predict(inputs, **params))
 
     def embed_many(self, texts: Iterable[str], **params: Any) -> Iterator[np.ndarray]:
         agen = self._async.embed_many(texts, **params)

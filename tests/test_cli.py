@@ -10,11 +10,12 @@ import sys
 import time
 from pathlib import Path
 
+import httpx
 import numpy as np
 
 from embedq import Client
 
-from .helpers import MODEL
+from .helpers import MODEL, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -40,7 +41,8 @@ def test_worker_refuses_a_bad_served_name() -> None:
     assert res.returncode == 2 and "invalid model name" in res.stderr
 
 
-def test_up_starts_redis_and_worker_and_ctrl_c_stops_both(tmp_path: Path) -> None:
+def test_up_starts_redis_worker_and_gateway_and_ctrl_c_stops_them(tmp_path: Path) -> None:
+    http_port = free_port()
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -53,6 +55,8 @@ def test_up_starts_redis_and_worker_and_ctrl_c_stops_both(tmp_path: Path) -> Non
             "fake",
             "--served-model-name",
             MODEL,
+            "--port",
+            str(http_port),
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -63,16 +67,20 @@ def test_up_starts_redis_and_worker_and_ctrl_c_stops_both(tmp_path: Path) -> Non
     assert proc.stdout is not None
     while time.monotonic() < deadline and url is None:
         line = proc.stdout.readline()
-        m = re.search(r"embedq is up: model .* on (redis://\S+)", line)
-        url = m.group(1) if m else None
-    assert url, "embedq up did not report its Redis URL"
+        m = re.search(r"embedq is up: model .* on (redis://\S+); HTTP on (http://\S+) ", line)
+        url, http_url = (m.group(1), m.group(2)) if m else (None, None)
+    assert url and http_url, "embedq up did not report its Redis and HTTP URLs"
     with Client(url, model=MODEL, timeout=20) as c:
-        assert c.embed(["hello", "world"]).shape == (2, 384)
+        sdk = c.embed(["hello", "world"])
+        assert sdk.shape == (2, 384)
+    resp = httpx.post(f"{http_url}/embed", json={"inputs": ["hello", "world"]}, timeout=20)
+    np.testing.assert_allclose(np.array(resp.json(), dtype=np.float32), sdk, atol=1e-6)
     port = int(url.rsplit(":", 1)[1].split("/")[0])
     proc.send_signal(signal.SIGINT)
     assert proc.wait(timeout=60) == 0
-    with socket.socket() as s:
-        assert s.connect_ex(("127.0.0.1", port)) != 0, "embedded Redis still running"
+    for p, what in ((port, "embedded Redis"), (http_port, "gateway")):
+        with socket.socket() as s:
+            assert s.connect_ex(("127.0.0.1", p)) != 0, f"{what} still running"
     aof = [p.name for p in (tmp_path / "redis").iterdir() if p.name.startswith("appendonly")]
     assert aof, "the embedded Redis keeps an append-only file"
 

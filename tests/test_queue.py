@@ -372,7 +372,9 @@ async def test_worker_recovers_from_a_flushed_redis(redis_server: RedisServer, t
             assert (await c.embed("before")).shape == (1, 384)
             r.flushall()
             deadline = time.monotonic() + 10
-            while not r.exists(keys.jobs_stream(MODEL)) and time.monotonic() < deadline:
+            while time.monotonic() < deadline and not (
+                r.exists(keys.jobs_stream(MODEL)) and r.exists(keys.model_info_key(MODEL))
+            ):
                 await asyncio.sleep(0.1)
             assert r.hget(keys.model_info_key(MODEL), "dim") == b"384"  # registered again
             assert (await c.embed("after")).shape == (1, 384)

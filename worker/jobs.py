@@ -10,14 +10,17 @@ import numpy as np
 from embedq.common.codec import vectors_to_bytes
 from embedq.common.errors import EmbedqError
 from embedq.common.wire import (
+    SCORE_KINDS,
     DecodeParams,
     EmbedAllParams,
     EmbedParams,
     EmbedResult,
     ErrorBody,
     Job,
+    PredictParams,
     Reply,
     ReplyMeta,
+    RerankParams,
     TokenizeParams,
     TokenList,
 )
@@ -25,7 +28,7 @@ from embedq.worker.postprocess import finish_vectors
 from embedq.worker.stream import Delivery
 
 # The typed params of the kinds a worker runs (validated at admission).
-JobParams = EmbedParams | EmbedAllParams | TokenizeParams | DecodeParams
+JobParams = EmbedParams | EmbedAllParams | RerankParams | PredictParams | TokenizeParams | DecodeParams
 
 
 @dataclass(eq=False)
@@ -49,6 +52,8 @@ class ActiveJob:
     error: EmbedqError | None = None
     # Set once the job is handed to the replier, so it is answered exactly once.
     finished: bool = False
+    # Label names of a classification head (rerank / predict replies).
+    labels: list[str] | None = None
 
     @property
     def per_token(self) -> bool:
@@ -81,6 +86,15 @@ class ActiveJob:
             return Reply(id=self.job.id, ok=True, tokens=self.tokens, meta=meta)
         if self.texts is not None:
             return Reply(id=self.job.id, ok=True, texts=self.texts, meta=meta)
+        if self.job.kind in SCORE_KINDS:
+            assert self.pooled is not None
+            scores = EmbedResult(
+                dtype="float32",
+                shape=(int(self.pooled.shape[0]), int(self.pooled.shape[1])),
+                data=vectors_to_bytes(self.pooled, "float32"),
+                token_counts=self.token_counts,
+            )
+            return Reply(id=self.job.id, ok=True, scores=scores, labels=self.labels, meta=meta)
         if self.token_rows is not None:
             assert isinstance(self.params, EmbedAllParams)
             rows = [r for r in self.token_rows if r is not None]

@@ -13,6 +13,9 @@ from typing import Any, Literal
 
 Pooling = Literal["mean", "cls", "last-token"]
 POOLINGS: tuple[Pooling, ...] = ("mean", "cls", "last-token")
+# What a folder's model does: pooled embeddings, or a sequence-classification head
+# (one label: a cross-encoder reranker, as TEI decides).
+Task = Literal["embedding", "classifier", "reranker"]
 
 # Model families whose position ids start after the padding id (RoBERTa style).
 _POSITION_OFFSET_TYPES = {"roberta", "xlm-roberta", "camembert", "xlm-roberta-xl"}
@@ -26,8 +29,11 @@ class ModelFolderError(Exception):
 class ModelLayout:
     path: Path
     model_type: str
-    pooling: Pooling
+    task: Task
+    # None for classification heads, which pool inside the model.
+    pooling: Pooling | None
     max_input_length: int
+    id2label: dict[int, str] = field(default_factory=dict)
     prompts: dict[str, str] = field(default_factory=dict)
     default_prompt_name: str | None = None
 
@@ -89,6 +95,24 @@ def pooling_from_config(cfg: dict[str, Any]) -> Pooling:
     raise ModelFolderError(f"unsupported pooling in 1_Pooling/config.json: {modes}")
 
 
+def task_of(config: dict[str, Any]) -> tuple[Task, dict[int, str]]:
+    """The task of a transformers config, with its labels for classification heads."""
+    archs = [str(a) for a in config.get("architectures") or []]
+    if not any(a.endswith("ForSequenceClassification") for a in archs):
+        return "embedding", {}
+    raw = config.get("id2label") or {}
+    try:
+        id2label = {int(k): str(v) for k, v in raw.items()}
+    except (AttributeError, ValueError) as exc:
+        raise ModelFolderError(f"config.json has an unreadable id2label: {raw!r}") from exc
+    if not id2label:
+        n = int(config.get("num_labels") or 2)
+        id2label = {i: f"LABEL_{i}" for i in range(n)}
+    if sorted(id2label) != list(range(len(id2label))):
+        raise ModelFolderError(f"config.json id2label ids are not 0..{len(id2label) - 1}")
+    return ("reranker" if len(id2label) == 1 else "classifier"), id2label
+
+
 def read_layout(path: Path, *, pooling: Pooling | None = None) -> ModelLayout:
     """Describe the model folder at ``path``; ``pooling`` overrides what the folder says."""
     if not (path / "config.json").is_file():
@@ -96,8 +120,9 @@ def read_layout(path: Path, *, pooling: Pooling | None = None) -> ModelLayout:
     check_modules(path)
     config = _read_json(path / "config.json")
     model_type = str(config.get("model_type", "unknown"))
+    task, id2label = task_of(config)
 
-    if pooling is None:
+    if pooling is None and task == "embedding":
         folder = _pooling_folder(path)
         if folder is not None and (folder / "config.json").is_file():
             pooling = pooling_from_config(_read_json(folder / "config.json"))
@@ -132,7 +157,9 @@ def read_layout(path: Path, *, pooling: Pooling | None = None) -> ModelLayout:
     return ModelLayout(
         path=path,
         model_type=model_type,
-        pooling=pooling,
+        task=task,
+        pooling=pooling if task == "embedding" else None,
+        id2label=id2label,
         max_input_length=max_input_length,
         prompts=prompts,
         default_prompt_name=default_prompt_name,

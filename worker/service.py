@@ -13,6 +13,7 @@ others could serve.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections.abc import Awaitable, Sequence
@@ -40,12 +41,15 @@ from embedq.common.errors import (
 from embedq.common.ids import now_ms
 from embedq.common.settings import connect
 from embedq.common.wire import (
-    EMBEDDING_MODEL_KINDS,
+    SCORE_KINDS,
     DecodeParams,
     EmbedAllParams,
     EmbedParams,
     Input,
+    PredictParams,
+    RerankParams,
     TokenizeParams,
+    TruncationParams,
     pack_reply,
     unpack_job,
 )
@@ -55,7 +59,7 @@ from embedq.worker.config import WorkerConfig
 from embedq.worker.jobs import ActiveJob, error_reply
 from embedq.worker.postprocess import check_dimensions
 from embedq.worker.stream import Delivery, JobStream, OutgoingReply
-from embedq.worker.tokenization import EncodeOptions, encode_inputs
+from embedq.worker.tokenization import EncodeOptions, encode_inputs, encode_scoring_inputs
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +77,8 @@ class _Seq:
     job: ActiveJob
     index: int
     ids: list[int]
+    # Token type ids of pair inputs (rerank, predict); None for embedding kinds.
+    types: list[int] | None = None
 
 
 def _isolate_redelivered(seqs: list[_Seq]) -> list[list[_Seq]]:
@@ -226,6 +232,7 @@ class Worker:
         return {
             "model_id": d.model_id,
             "model_type": d.model_type,
+            "labels": json.dumps(d.labels),
             "dim": str(d.dim),
             "max_input_length": str(d.max_input_length),
             "pooling": d.pooling,
@@ -236,7 +243,7 @@ class Worker:
             "device": d.device,
             "max_batch_requests": str(self.config.max_batch_requests),
             "auto_truncate": "true" if self.config.auto_truncate else "false",
-            "kinds": ",".join(EMBEDDING_MODEL_KINDS),
+            "kinds": ",".join(d.kinds),
             # Heartbeats older than this mean the worker is gone (the gateway's /health).
             "liveness_ms": str(self._stale_ms()),
         }
@@ -284,9 +291,10 @@ class Worker:
             if job.error is not None or seqs is None:
                 await self._finish(job)
                 continue
-            job.start([len(s) for s in seqs], self.dim)
-            for i, ids in enumerate(seqs):
-                self.batcher.add(_Seq(job, i, ids), len(ids))
+            width = len(self.backend.description.id2label) if job.job.kind in SCORE_KINDS else self.dim
+            job.start([len(ids) for ids, _ in seqs], width)
+            for i, (ids, types) in enumerate(seqs):
+                self.batcher.add(_Seq(job, i, ids, types), len(ids))
         self._work.set()
 
     async def _check(self, d: Delivery) -> ActiveJob | None:
@@ -312,12 +320,15 @@ class Worker:
         try:
             if job.deadline_ms and now_ms() > job.deadline_ms:
                 raise RequestTimeoutError("the request's deadline passed while it waited in the queue")
-            if job.kind not in EMBEDDING_MODEL_KINDS:
+            desc = self.backend.description
+            if job.kind not in desc.kinds:
                 raise BackendError(
-                    f"model {self.config.served_model_name} is an embedding model and does not "
+                    f"model {self.config.served_model_name} is a {desc.model_type} model and does not "
                     f"serve {job.kind!r}"
                 )
             active.params = job.typed_params()  # type: ignore[assignment]
+            if job.kind in SCORE_KINDS:
+                active.labels = desc.labels
             if isinstance(active.params, EmbedParams):
                 check_dimensions(active.params.dimensions, self.dim)
             if len(job.inputs) > self.config.max_job_inputs:
@@ -352,14 +363,14 @@ class Worker:
             payload = pack_reply(error_reply(req_id, error, None))
             await self._safe(self.stream.send_reply(reply_to, payload))
 
-    def _tokenize(self, jobs: Sequence[ActiveJob]) -> list[list[list[int]] | None]:
+    def _tokenize(self, jobs: Sequence[ActiveJob]) -> list[list[tuple[list[int], list[int] | None]] | None]:
         """Token ids of embed jobs; tokenize and decode jobs are answered right here."""
-        out: list[list[list[int]] | None] = []
+        out: list[list[tuple[list[int], list[int] | None]] | None] = []
         tokenizer = self.backend.tokenizer
         for job in jobs:
             start = time.perf_counter()
             params = job.params
-            seqs: list[list[int]] | None = None
+            seqs: list[tuple[list[int], list[int] | None]] | None = None
             try:
                 if not job.job.inputs:
                     raise EmptyInputError("Batch is empty")
@@ -374,11 +385,16 @@ class Worker:
                         tokenizer.decode(ids, skip_special_tokens=params.skip_special_tokens)
                         for ids in _ids_only(job.job.inputs)
                     ]
+                elif isinstance(params, RerankParams | PredictParams):
+                    query = params.query if isinstance(params, RerankParams) else None
+                    options = self._truncation(params, prompt=None)
+                    seqs = list(encode_scoring_inputs(tokenizer, job.job.inputs, query, options))
                 else:
                     assert isinstance(params, EmbedParams | EmbedAllParams)
-                    seqs = encode_inputs(tokenizer, job.job.inputs, self._options(params))
-                    if any(not ids for ids in seqs):
-                        raise ValidationError("an input produced no tokens")
+                    options = self._truncation(params, prompt=self._prompt(params.prompt_name))
+                    seqs = [(ids, None) for ids in encode_inputs(tokenizer, job.job.inputs, options)]
+                if seqs is not None and any(not ids for ids, _ in seqs):
+                    raise ValidationError("an input produced no tokens")
             except EmbedqError as exc:
                 job.error = exc
             except Exception as exc:  # a tokenizer bug must not kill the worker
@@ -401,11 +417,9 @@ class Worker:
             raise ValidationError(f"prompt_name {name!r} is not a known prompt (known: {known})")
         return desc.prompts[name]
 
-    def _options(self, params: EmbedParams | EmbedAllParams) -> EncodeOptions:
+    def _truncation(self, params: TruncationParams, *, prompt: str | None) -> EncodeOptions:
         truncate = self.config.auto_truncate if params.truncate is None else params.truncate
-        return EncodeOptions(
-            truncate=truncate, direction=params.truncation_direction, prompt=self._prompt(params.prompt_name)
-        )
+        return EncodeOptions(truncate=truncate, direction=params.truncation_direction, prompt=prompt)
 
     # ---------------------------------------------------------------- inference
     async def _engine_loop(self) -> None:
@@ -462,8 +476,14 @@ class Worker:
         try:
             pooled_seqs = [s for s in seqs if not s.job.per_token]
             token_seqs = [s for s in seqs if s.job.per_token]
-            # A batch mixing kinds costs two forward passes; the mix is rare.
-            pooled = self.backend.embed([s.ids for s in pooled_seqs]) if pooled_seqs else None
+            pooled = None
+            if pooled_seqs and pooled_seqs[0].types is not None:  # a model serves one task
+                pooled = self.backend.predict(
+                    [s.ids for s in pooled_seqs], [s.types or [] for s in pooled_seqs]
+                )
+            elif pooled_seqs:
+                pooled = self.backend.embed([s.ids for s in pooled_seqs])
+            # A batch mixing embed and embed_all costs two forward passes; the mix is rare.
             rows = self.backend.embed_all([s.ids for s in token_seqs]) if token_seqs else []
             if pooled is not None and not np.all(np.isfinite(pooled)):
                 raise FloatingPointError("non-finite values in the model output")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from embedq.common.errors import EmptyInputError, TokenizerError, ValidationError
 from embedq.common.wire import Input, TokenList, TruncationDirection
@@ -30,6 +30,12 @@ class TextTokenizer(Protocol):
 
     def encode(self, texts: Sequence[str], options: EncodeOptions) -> list[list[int]]: ...
 
+    def encode_pairs(
+        self, pairs: Sequence[tuple[str, str]], options: EncodeOptions
+    ) -> list[tuple[list[int], list[int]]]:
+        """(ids, token type ids) of text pairs, truncated longest-first when allowed."""
+        ...
+
     def tokenize(
         self, texts: Sequence[str], *, add_special_tokens: bool, prompt: str | None
     ) -> list[TokenList]:
@@ -48,6 +54,8 @@ def check_token_ids(ids: list[int], vocab_size: int, limit: int, options: Encode
     if not ids:
         raise ValidationError("`inputs` cannot be empty")
     for tok in ids:
+        if not isinstance(tok, int):
+            raise ValidationError("`inputs` must be texts or lists of token ids")
         if not 0 <= tok < vocab_size:
             raise ValidationError(f"token id {tok} is outside the vocabulary (size {vocab_size})")
     if len(ids) > limit:
@@ -80,6 +88,47 @@ def encode_inputs(
     return out
 
 
+Encoded = tuple[list[int], list[int]]
+
+
+def encode_scoring_inputs(
+    tokenizer: TextTokenizer, inputs: Sequence[Input], query: str | None, options: EncodeOptions
+) -> list[Encoded]:
+    """(ids, token type ids) for a rerank job (each input paired with ``query``) or a
+    predict job (each input a text or a [text, text] pair)."""
+    if not inputs:
+        raise EmptyInputError("Batch is empty")
+    singles: list[tuple[int, str]] = []
+    pairs: list[tuple[int, tuple[str, str]]] = []
+    for i, item in enumerate(inputs):
+        if isinstance(item, str) and item:
+            if query is not None:
+                pairs.append((i, (query, item)))
+            else:
+                singles.append((i, item))
+        elif (
+            query is None
+            and isinstance(item, list)
+            and len(item) == 2
+            and all(isinstance(x, str) and x for x in item)
+        ):
+            pairs.append((i, (str(item[0]), str(item[1]))))
+        elif item == "" or (isinstance(item, list) and not item):
+            raise ValidationError("`inputs` cannot be empty")
+        else:
+            what = "texts" if query is not None else "texts or [text, text] pairs"
+            raise ValidationError(f"`inputs` of this request must be {what}")
+    out: list[Encoded] = [([], []) for _ in inputs]
+    if singles:
+        encoded = tokenizer.encode([t for _, t in singles], options)
+        for (i, _), ids in zip(singles, encoded, strict=True):
+            out[i] = (ids, [0] * len(ids))
+    if pairs:
+        for (i, _), enc in zip(pairs, tokenizer.encode_pairs([p for _, p in pairs], options), strict=True):
+            out[i] = enc
+    return out
+
+
 class HFTokenizer:
     """A ``tokenizers.Tokenizer`` with per-request truncation and prompts."""
 
@@ -92,6 +141,7 @@ class HFTokenizer:
         self._tok.no_truncation()
         self._tok.no_padding()
         self._specials = self._tok.num_special_tokens_to_add(False)
+        self._truncating: dict[str, Any] = {}
         self.max_input_length = max_input_length
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
 
@@ -111,6 +161,32 @@ class HFTokenizer:
                 enc.truncate(room, direction=options.direction)
             out.append(self._tok.post_process(enc, None, True).ids)
         return out
+
+    def encode_pairs(self, pairs: Sequence[tuple[str, str]], options: EncodeOptions) -> list[Encoded]:
+        try:
+            encodings = self._tok.encode_batch(list(pairs), add_special_tokens=True)
+        except Exception as exc:
+            raise TokenizerError(f"tokenizer failed: {exc}") from exc
+        out: list[Encoded] = []
+        for pair, enc in zip(pairs, encodings, strict=True):
+            if len(enc.ids) > self.max_input_length:
+                if not options.truncate:
+                    raise too_long(len(enc.ids), self.max_input_length)
+                enc = self._truncator(options.direction).encode(*pair, add_special_tokens=True)
+            out.append((list(enc.ids), list(enc.type_ids)))
+        return out
+
+    def _truncator(self, direction: TruncationDirection) -> Any:
+        """A copy of the tokenizer that truncates pairs longest-first (Hugging Face's rule)."""
+        from tokenizers import Tokenizer
+
+        tok = self._truncating.get(direction)
+        if tok is None:
+            tok = Tokenizer.from_str(self._tok.to_str())
+            tok.no_padding()
+            tok.enable_truncation(self.max_input_length, strategy="longest_first", direction=direction)
+            self._truncating[direction] = tok
+        return tok
 
     def tokenize(
         self, texts: Sequence[str], *, add_special_tokens: bool, prompt: str | None

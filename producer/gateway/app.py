@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -10,6 +11,7 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from pydantic.json_schema import models_json_schema
+from redis.exceptions import RedisError
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import Response
@@ -80,9 +82,16 @@ def create_app(config: GatewayConfig) -> ASGIApp:
         try:
             yield
         finally:
-            await directory.close()
-            await directory.redis.aclose()
-            await client.close()
+            # Bounded steps: a stop must not hang on a Redis that went away.
+            for name, step in (
+                ("directory", directory.close()),
+                ("directory connection", directory.redis.aclose()),
+                ("client", client.close()),
+            ):
+                try:
+                    await asyncio.wait_for(step, timeout=10)
+                except (asyncio.TimeoutError, RedisError, OSError) as exc:
+                    log.warning("closing the %s failed: %r", name, exc)
 
     app = FastAPI(
         title="embedq",

@@ -9,6 +9,7 @@ for it.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -44,6 +45,15 @@ class ModelView:
     def kinds(self) -> frozenset[str]:
         published = self.info.get("kinds")
         return frozenset(published.split(",")) if published else frozenset({"embed"})
+
+    @property
+    def labels(self) -> list[str]:
+        """Label names of a classification head, by logit index."""
+        try:
+            labels = json.loads(self.info.get("labels", "[]"))
+        except ValueError:
+            return []
+        return [str(x) for x in labels] if isinstance(labels, list) else []
 
     def int_field(self, name: str, default: int = 0) -> int:
         try:

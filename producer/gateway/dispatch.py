@@ -22,8 +22,8 @@ from embedq.common.errors import (
     QueueUnavailableError,
     ValidationError,
 )
-from embedq.common.wire import Input, JobKind, Reply
-from embedq.producer.async_client import AsyncClient, embeddings_of, raise_for_error
+from embedq.common.wire import EmbedResult, Input, JobKind, Reply
+from embedq.producer.async_client import AsyncClient, embeddings_of, raise_for_error, scores_of
 from embedq.producer.gateway.config import GatewayConfig
 from embedq.producer.gateway.directory import ModelDirectory, ModelView
 
@@ -46,15 +46,21 @@ class Outcome:
         arrays = [embeddings_of(r) for r in self.replies]
         return arrays[0] if len(arrays) == 1 else np.concatenate(arrays, axis=0)
 
+    def scores(self) -> tuple[np.ndarray, list[str]]:
+        """Raw logits of every input (inputs × labels) and the label names."""
+        parts = [scores_of(r) for r in self.replies]
+        logits = parts[0][0] if len(parts) == 1 else np.concatenate([p[0] for p in parts], axis=0)
+        return logits, parts[0][1]
+
     def token_counts(self) -> list[int]:
-        return [n for r in self.replies if r.embed is not None for n in r.embed.token_counts]
+        return [n for r in self.replies for n in _result(r).token_counts]
 
     def mean_ms(self, field: str) -> float:
         """A timing averaged over the request's inputs (each job's figure covers its inputs)."""
         total = weight = 0.0
         for r in self.replies:
             if r.meta is not None:
-                n = r.embed.shape[0] if r.embed is not None else 1
+                n = len(_result(r).token_counts) or 1
                 total += getattr(r.meta, field) * n
                 weight += n
         return total / weight if weight else 0.0
@@ -147,6 +153,13 @@ class Dispatcher:
                 t.cancel()
         # The first failing chunk, in input order, decides the error.
         return [raise_for_error(r) for r in replies]
+
+
+def _result(reply: Reply) -> EmbedResult:
+    return reply.embed or reply.scores or _NO_RESULT
+
+
+_NO_RESULT = EmbedResult(dtype="float32", shape=(0, 0), data=b"", token_counts=[])
 
 
 def _article(model_type: str) -> str:

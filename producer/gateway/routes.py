@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
@@ -15,7 +16,9 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from embedq.common.errors import BackendError, EmptyInputError, ValidationError
-from embedq.common.wire import EmbedAllParams, EmbedParams, Input, TokenizeParams
+from embedq.common.scores import predictions, rank
+from embedq.common.wire import EmbedAllParams, EmbedParams, Input, PredictParams, RerankParams, TokenizeParams
+from embedq.producer.async_client import predict_inputs
 from embedq.producer.gateway.config import GatewayConfig
 from embedq.producer.gateway.directory import ModelDirectory, ModelView
 from embedq.producer.gateway.dispatch import Dispatcher, Outcome
@@ -64,6 +67,24 @@ def _check_dimensions(dimensions: int | None, view: ModelView) -> None:
             f"The number of `dimensions` requested ({dimensions}) is greater than "
             f"the model's embedding size ({width})"
         )
+
+
+def _rerank_params(query: str, truncate: bool | None, direction: str) -> dict[str, Any]:
+    return RerankParams(
+        query=query,
+        truncate=truncate,
+        truncation_direction=direction,  # type: ignore[arg-type]
+    ).model_dump(exclude_defaults=True)
+
+
+def _document_text(doc: str | dict[str, Any]) -> str:
+    """Cohere/Jina documents: a string, or an object with a ``text`` field."""
+    if isinstance(doc, str):
+        return doc
+    text = doc.get("text")
+    if not isinstance(text, str):
+        raise ValidationError("each document must be a string or an object with a `text` string")
+    return text
 
 
 def add_routes(
@@ -151,37 +172,82 @@ def add_routes(
         req = validate(EmbedSparseRequest, await read_json(request, config.payload_limit))
         inputs, batch = as_inputs(req.inputs)
         metrics.received("embed", batch)
-        return await not_served("embed_sparse", len(inputs))
+        view = await dispatcher.resolve(None)
+        dispatcher.admit(view, "embed_sparse", len(inputs))
+        # No worker of this release publishes embed_sparse, so admit() answers 424 above.
+        raise BackendError("this gateway release cannot shape embed_sparse answers yet")
 
     @post("/rerank", RerankRequest, "Cross-encoder scores of texts against a query")
     async def rerank(request: Request) -> Response:
+        started = time.perf_counter()
         req = validate(RerankRequest, await read_json(request, config.payload_limit))
         if not req.texts:
             raise EmptyInputError("`texts` cannot be empty")
         metrics.received("predict", len(req.texts) > 1)
-        return await not_served("rerank", len(req.texts))
+        params = _rerank_params(req.query, req.truncate, req.truncation_direction)
+        texts: list[Input] = list(req.texts)
+        outcome = await dispatcher.run("rerank", texts, params)
+        logits, _ = outcome.scores()
+        body = [
+            {"index": hit.index, "score": hit.score, "text": req.texts[hit.index]}
+            if req.return_text
+            else {"index": hit.index, "score": hit.score}
+            for hit in rank(logits, raw_scores=req.raw_scores)
+        ]
+        return finish("predict", outcome, started, body, texts, len(texts) > 1)
 
     @post("/v1/rerank", CohereRerankRequest, "Rerank in the Cohere/Jina shape (top_n, return_documents)")
     async def rerank_v1(request: Request) -> Response:
+        started = time.perf_counter()
         req = validate(CohereRerankRequest, await read_json(request, config.payload_limit))
         if not req.documents:
             raise EmptyInputError("`documents` cannot be empty")
-        metrics.received("predict", len(req.documents) > 1)
-        return await not_served("rerank", len(req.documents), model=req.model)
+        docs: list[Input] = [_document_text(d) for d in req.documents]
+        metrics.received("predict", len(docs) > 1)
+        view = await dispatcher.resolve(req.model)
+        params = _rerank_params(req.query, req.truncate, "right")
+        outcome = await dispatcher.run("rerank", docs, params, model=view.name)
+        logits, _ = outcome.scores()
+        results = []
+        for hit in rank(logits, top_n=req.top_n):
+            item: dict[str, Any] = {"index": hit.index, "relevance_score": hit.score}
+            if req.return_documents:
+                item["document"] = {"text": docs[hit.index]}
+            results.append(item)
+        body = {
+            "id": uuid.uuid4().hex,
+            "model": req.model or view.name,
+            "results": results,
+            "usage": {"total_tokens": sum(outcome.token_counts())},
+        }
+        return finish("predict", outcome, started, body, docs, len(docs) > 1)
 
-    @post("/predict", PredictRequest, "Sequence classification")
+    @post("/predict", PredictRequest, "Sequence classification of texts or text pairs")
     async def predict(request: Request) -> Response:
+        started = time.perf_counter()
         req = validate(PredictRequest, await read_json(request, config.payload_limit))
-        if req.inputs in ([], "", None):
+        single = isinstance(req.inputs, str) or (
+            isinstance(req.inputs, list)
+            and len(req.inputs) == 2
+            and all(isinstance(x, str) for x in req.inputs)
+        )
+        if isinstance(req.inputs, list) and not req.inputs:
             raise EmptyInputError("Batch is empty")
-        metrics.received("predict", isinstance(req.inputs, list))
-        return await not_served("predict", 1)
-
-    async def not_served(kind: Any, n_inputs: int, model: str | None = None) -> Response:
-        view = await dispatcher.resolve(model)
-        dispatcher.admit(view, kind, n_inputs)
-        # A worker advertises this kind, but this gateway release cannot shape its answer.
-        raise BackendError(f"this gateway does not serve {kind!r} requests yet")
+        if not isinstance(req.inputs, str | list):
+            raise ValidationError("`inputs` must be a text, a [text, text] pair, or a list of those")
+        items: list[Input] = predict_inputs(req.inputs)
+        metrics.received("predict", not single)
+        params = PredictParams(
+            truncate=req.truncate,
+            truncation_direction=req.truncation_direction,  # type: ignore[arg-type]
+        ).model_dump(exclude_defaults=True)
+        outcome = await dispatcher.run("predict", items, params)
+        logits, labels = outcome.scores()
+        preds = [
+            [{"score": p.score, "label": p.label} for p in row]
+            for row in predictions(logits, labels, raw_scores=req.raw_scores)
+        ]
+        return finish("predict", outcome, started, preds[0] if single else preds, items, not single)
 
     @post("/similarity", SimilarityRequest, "Cosine similarity of sentences to a source sentence")
     async def similarity(request: Request) -> Response:
@@ -243,12 +309,13 @@ def add_routes(
         outcome = await dispatcher.run("decode", ids, params)
         return json_response([t for r in outcome.replies for t in (r.texts or [])])
 
-    @post("/", EmbedRequest, "Routed by the model's kind (an embedding model: /embed)")
+    @post("/", EmbedRequest, "Routed by the model's kind: /embed, /rerank or /predict")
     async def root(request: Request) -> Response:
         view = await dispatcher.resolve(None)
-        if view.model_type == "embedding":
-            return await embed(request)
-        raise BackendError(f"model {view.name!r} is a {view.model_type} model, which / cannot route yet")
+        route = {"embedding": embed, "reranker": rerank, "classifier": predict}.get(view.model_type)
+        if route is None:
+            raise BackendError(f"model {view.name!r} is a {view.model_type} model, which / cannot route")
+        return await route(request)
 
     # --------------------------------------------------------------- OpenAI routes
     async def openai_embeddings(request: Request) -> Response:
@@ -294,14 +361,23 @@ def add_routes(
     async def info() -> Response:
         view = await dispatcher.resolve(None)
         i = view.info
-        pooling = i.get("pooling", "mean")
+        labels = view.labels
+        heads = {
+            "id2label": {str(n): x for n, x in enumerate(labels)},
+            "label2id": {x: n for n, x in enumerate(labels)},
+        }
+        model_type = (
+            {"embedding": {"pooling": i.get("pooling", "mean")}}
+            if view.model_type == "embedding"
+            else {view.model_type: heads}
+        )
         return json_response(
             {
                 "model_id": view.model_id,
                 "model_sha": None,
                 "model_dtype": i.get("dtype", "float32"),
                 "served_model_name": view.name,
-                "model_type": {"embedding": {"pooling": pooling}},
+                "model_type": model_type,
                 "max_concurrent_requests": config.max_concurrent_requests,
                 "max_input_length": view.int_field("max_input_length"),
                 "max_batch_tokens": view.int_field("max_batch_tokens"),

@@ -8,6 +8,7 @@ from typing import Protocol
 
 import numpy as np
 
+from embedq.common.wire import KINDS_BY_MODEL_TYPE, JobKind, ModelType
 from embedq.worker.tokenization import TextTokenizer
 
 
@@ -21,11 +22,21 @@ class ModelDescription:
     pooling: str
     dtype: str
     device: str
-    model_type: str = "embedding"
+    model_type: ModelType = "embedding"
+    # Classification heads: label names by logit index.
+    id2label: dict[int, str] = field(default_factory=dict)
     prompts: dict[str, str] = field(default_factory=dict)
     default_prompt_name: str | None = None
     # True when the backend runs sequences without padding (token budget = sum).
     packed: bool = False
+
+    @property
+    def kinds(self) -> tuple[JobKind, ...]:
+        return KINDS_BY_MODEL_TYPE[self.model_type]
+
+    @property
+    def labels(self) -> list[str]:
+        return [self.id2label[i] for i in range(len(self.id2label))]
 
 
 class Backend(Protocol):
@@ -38,6 +49,10 @@ class Backend(Protocol):
 
     def embed_all(self, batch: Sequence[Sequence[int]]) -> list[np.ndarray]:
         """One float32 (len(seq) × dim) array of token vectors per sequence, no pooling."""
+        ...
+
+    def predict(self, batch: Sequence[Sequence[int]], type_ids: Sequence[Sequence[int]]) -> np.ndarray:
+        """Raw float32 logits (len(batch) × labels) of a classification head."""
         ...
 
     def warmup(self) -> None:

@@ -119,5 +119,10 @@ class FakeBackend:
             for ids in batch
         ]
 
+    def predict(self, batch: Sequence[Sequence[int]], type_ids: Sequence[Sequence[int]]) -> np.ndarray:
+        # An embedding model has no classification head; one made-up logit keeps the
+        # protocol whole (the worker never routes score kinds to an embedding model).
+        return self.embed(batch)[:, :1]
+
     def warmup(self) -> None:
         return None

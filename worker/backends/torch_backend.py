@@ -60,7 +60,7 @@ def _pool(hidden: torch.Tensor, mask: torch.Tensor, lengths: torch.Tensor, pooli
 
 class TorchBackend:
     def __init__(self, config: WorkerConfig) -> None:
-        from transformers import AutoConfig, AutoModel, AutoTokenizer
+        from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, AutoTokenizer
 
         path = Path(config.model_path)
         layout = read_layout(path, pooling=config.pooling)
@@ -71,14 +71,17 @@ class TorchBackend:
         dtype = _DTYPES[self.dtype_name]
 
         hf_config = AutoConfig.from_pretrained(path)
+        self.task = layout.task
+        # Classification heads (rerankers, classifiers) load with their head.
+        auto = AutoModel if layout.task == "embedding" else AutoModelForSequenceClassification
         try:
-            self.model = AutoModel.from_pretrained(
+            self.model = auto.from_pretrained(
                 path, dtype=dtype, attn_implementation="sdpa", use_safetensors=True
             )
         except (ValueError, ImportError) as exc:
             # Some architectures have no SDPA path; the eager one is correct, only slower.
             log.warning("SDPA attention unavailable (%s); using eager attention", exc)
-            self.model = AutoModel.from_pretrained(path, dtype=dtype, use_safetensors=True)
+            self.model = auto.from_pretrained(path, dtype=dtype, use_safetensors=True)
         self.model.eval().to(self.device)
         self._pad_id = int(getattr(hf_config, "pad_token_id", None) or 0)
 
@@ -89,40 +92,53 @@ class TorchBackend:
         self.tokenizer = HFTokenizer(backend_tok, layout.max_input_length)
         self.pooling = layout.pooling
         width = int(getattr(hf_config, "hidden_size", 0) or getattr(hf_config, "dim", 0))
+        # Token type ids matter for BERT-style pair inputs; models without them ignore none.
+        self._uses_types = int(getattr(hf_config, "type_vocab_size", 0) or 0) > 1
         self.description = ModelDescription(
             model_id=config.model_id,
+            model_type=layout.task,
+            id2label=layout.id2label,
             dim=width,
             max_input_length=layout.max_input_length,
-            pooling=layout.pooling,
+            pooling=layout.pooling or "none",
             dtype=self.dtype_name,
             device=str(self.device),
             prompts=layout.prompts,
             default_prompt_name=layout.default_prompt_name,
         )
         log.info(
-            "loaded %s (%s, dim %d, max %d tokens, %s pooling) on %s with %d threads",
+            "loaded %s (%s %s, dim %d, max %d tokens, %s pooling) on %s with %d threads",
             path,
+            layout.task,
             self.dtype_name,
             width,
             layout.max_input_length,
-            layout.pooling,
+            layout.pooling or "no",
             self.device,
             torch.get_num_threads(),
         )
 
-    def _collate(self, batch: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _collate(
+        self, batch: Sequence[Sequence[int]], type_ids: Sequence[Sequence[int]] | None = None
+    ) -> list[torch.Tensor]:
+        """[ids, mask, lengths(, token types)] on the device, right-padded."""
         lengths = np.fromiter((len(s) for s in batch), dtype=np.int64, count=len(batch))
         width = int(lengths.max())
         ids = np.full((len(batch), width), self._pad_id, dtype=np.int64)
         for row, seq in enumerate(batch):
             ids[row, : len(seq)] = seq
         mask = (np.arange(width)[None, :] < lengths[:, None]).astype(np.int64)
+        arrays = [ids, mask, lengths]
+        if type_ids is not None:
+            types = np.zeros((len(batch), width), dtype=np.int64)
+            for row, seq in enumerate(type_ids):
+                types[row, : len(seq)] = seq
+            arrays.append(types)
         pin = self.device.type == "cuda"
-        tensors = [torch.from_numpy(a) for a in (ids, mask, lengths)]
+        tensors = [torch.from_numpy(a) for a in arrays]
         if pin:
             tensors = [t.pin_memory() for t in tensors]
-        ids_t, mask_t, len_t = (t.to(self.device, non_blocking=pin) for t in tensors)
-        return ids_t, mask_t, len_t
+        return [t.to(self.device, non_blocking=pin) for t in tensors]
 
     def embed(self, batch: Sequence[Sequence[int]]) -> np.ndarray:
         ids, mask, lengths = self._collate(batch)
@@ -137,6 +153,17 @@ class TorchBackend:
             hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state.float().to("cpu")
         return [hidden[row, : len(seq)].numpy() for row, seq in enumerate(batch)]
 
+    def predict(self, batch: Sequence[Sequence[int]], type_ids: Sequence[Sequence[int]]) -> np.ndarray:
+        ids, mask, _lengths, types = self._collate(batch, type_ids)
+        extra = {"token_type_ids": types} if self._uses_types else {}
+        with torch.inference_mode():
+            logits = self.model(input_ids=ids, attention_mask=mask, **extra).logits
+        return logits.float().to("cpu").numpy()
+
     def warmup(self) -> None:
         for n, length in ((1, 8), (8, 64)):
-            self.embed([[self._pad_id + 1] * length] * n)
+            seqs = [[self._pad_id + 1] * length] * n
+            if self.task == "embedding":
+                self.embed(seqs)
+            else:
+                self.predict(seqs, [[0] * length] * n)
