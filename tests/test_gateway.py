@@ -415,6 +415,7 @@ def test_info_health_metrics_docs(http: httpx.Client) -> None:
 
     health = http.get("/health")
     assert health.status_code == 200 and health.content == b""
+    assert http.get("/ping").status_code == 200
 
     http.post("/embed", json={"inputs": "counted"})
     http.post("/embed", json={"inputs": []})

@@ -106,6 +106,14 @@ def create_app(config: GatewayConfig) -> ASGIApp:
     async def on_embedq_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, EmbedqError)
         metrics.failed(exc.code)
+        # The caller's mistakes at debug level; what operators must see (model failures,
+        # overload, a queue that cannot answer) as warnings.
+        if exc.http_status == 429:
+            level = logging.INFO
+        else:
+            level = logging.DEBUG if exc.http_status < 424 else logging.WARNING
+        log.log(level, "%s %s -> %d %s: %s", request.method, request.url.path, exc.http_status,
+                exc.tei_type, exc.message)  # fmt: skip
         return error_response(exc, request.url.path)
 
     async def on_validation_error(request: Request, exc: Exception) -> Response:

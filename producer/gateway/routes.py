@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -37,6 +38,8 @@ from embedq.producer.gateway.schemas import (
     TokenizeRequest,
     as_inputs,
 )
+
+log = logging.getLogger(__name__)
 
 try:
     VERSION = version("embedq")
@@ -117,6 +120,15 @@ def add_routes(
         family: str, outcome: Outcome, started: float, body: Any, inputs: list[Input], batch: bool
     ) -> Response:
         total_s = time.perf_counter() - started
+        log.debug(
+            "%s: %d inputs, %d tokens in %.1f ms (queue %.1f, inference %.1f)",
+            family,
+            len(inputs),
+            outcome.tokens,
+            total_s * 1000,
+            outcome.mean_ms("queue_ms"),
+            outcome.mean_ms("infer_ms"),
+        )
         metrics.succeeded(
             family,
             batch=batch,
