@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -31,7 +32,9 @@ def _cmd_worker(ns: argparse.Namespace) -> int:
         return 2
     except WorkerFault as exc:
         logging.getLogger("embedq").critical("worker stopped: %s", exc)
-        return 1
+        # Exit now: a hung inference thread would keep a normal exit waiting forever.
+        logging.shutdown()
+        os._exit(1)
     return 0
 
 
@@ -48,8 +51,21 @@ def _cmd_gateway(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _stop_on_signals() -> None:
+    """Ctrl-C and SIGTERM both stop `up` cleanly, even when the parent started us with
+    SIGINT ignored (as shells do for background jobs)."""
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, interrupt)
+    signal.signal(signal.SIGTERM, interrupt)
+
+
 def _cmd_up(ns: argparse.Namespace, passthrough: list[str]) -> int:
     from embedq.up import Stack, StackError
+
+    _stop_on_signals()
 
     stack = Stack(
         redis_url=ns.redis_url,

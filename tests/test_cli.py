@@ -61,23 +61,29 @@ def test_up_starts_redis_worker_and_gateway_and_ctrl_c_stops_them(tmp_path: Path
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        # As a background job in a script: SIGINT ignored unless `up` takes it back.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
     )
-    url = None
-    deadline = time.monotonic() + 120
-    assert proc.stdout is not None
-    while time.monotonic() < deadline and url is None:
-        line = proc.stdout.readline()
-        m = re.search(r"embedq is up: model .* on (redis://\S+); HTTP on (http://\S+) ", line)
-        url, http_url = (m.group(1), m.group(2)) if m else (None, None)
-    assert url and http_url, "embedq up did not report its Redis and HTTP URLs"
-    with Client(url, model=MODEL, timeout=20) as c:
-        sdk = c.embed(["hello", "world"])
-        assert sdk.shape == (2, 384)
-    resp = httpx.post(f"{http_url}/embed", json={"inputs": ["hello", "world"]}, timeout=20)
-    np.testing.assert_allclose(np.array(resp.json(), dtype=np.float32), sdk, atol=1e-6)
-    port = int(url.rsplit(":", 1)[1].split("/")[0])
-    proc.send_signal(signal.SIGINT)
-    assert proc.wait(timeout=60) == 0
+    try:
+        url = http_url = None
+        deadline = time.monotonic() + 120
+        assert proc.stdout is not None
+        while time.monotonic() < deadline and url is None:
+            line = proc.stdout.readline()
+            m = re.search(r"embedq is up: model .* on (redis://\S+); HTTP on (http://\S+) ", line)
+            url, http_url = (m.group(1), m.group(2)) if m else (None, None)
+        assert url and http_url, "embedq up did not report its Redis and HTTP URLs"
+        with Client(url, model=MODEL, timeout=20) as c:
+            sdk = c.embed(["hello", "world"])
+            assert sdk.shape == (2, 384)
+        resp = httpx.post(f"{http_url}/embed", json={"inputs": ["hello", "world"]}, timeout=20)
+        np.testing.assert_allclose(np.array(resp.json(), dtype=np.float32), sdk, atol=1e-6)
+        port = int(url.rsplit(":", 1)[1].split("/")[0])
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
     for p, what in ((port, "embedded Redis"), (http_port, "gateway")):
         with socket.socket() as s:
             assert s.connect_ex(("127.0.0.1", p)) != 0, f"{what} still running"

@@ -24,7 +24,7 @@ from embedq.common import keys
 from embedq.common.ids import now_ms
 from embedq.common.wire import Job, pack_job, unpack_reply
 from embedq.redis_server import RedisServer
-from embedq.worker.backends.fake import CRASH_WORD, RAISE_WORD
+from embedq.worker.backends.fake import CRASH_WORD, HANG_WORD, RAISE_WORD
 
 from .helpers import MODEL, start_worker, wait_for_workers
 
@@ -229,6 +229,33 @@ async def test_input_that_crashes_workers_is_dead_lettered(redis_server: RedisSe
         assert (await c.embed("healthy again")).shape == (1, 384)
     worker.stop()
     assert restarts == 2
+    dead = _dlq(redis_server.url)
+    assert len(dead) == 1 and int(dead[0][1][b"deliveries"]) == 3
+
+
+async def test_input_that_hangs_workers_is_answered_in_bounded_time(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """A hung forward pass stops lease renewal and ends the worker; after the delivery
+    limit the job is dead-lettered and its caller gets a typed error, not silence."""
+    args = (*FAKE, "--max-batch-seconds", "1.5", "--max-deliveries", "2", "--lease-ms", "1000")
+    worker = start_worker(redis_server.url, tmp_path, *args)
+    exits: list[int | None] = []
+    started = time.monotonic()
+    async with AsyncClient(redis_server.url, model=MODEL, timeout=90) as c:
+        task = asyncio.create_task(c.embed(f"stuck {HANG_WORD}"))
+        while not task.done():
+            if worker.proc.poll() is not None:
+                exits.append(worker.proc.returncode)
+                assert len(exits) <= 4
+                worker = start_worker(redis_server.url, tmp_path, *args, wait=False)
+            await asyncio.sleep(0.1)
+        with pytest.raises(BackendError, match="deliveries"):
+            await task
+        assert time.monotonic() - started < 60
+        assert (await c.embed("healthy again")).shape == (1, 384)
+    worker.stop()
+    assert exits == [1, 1]  # each hung worker exited (code 1) instead of renewing forever
     dead = _dlq(redis_server.url)
     assert len(dead) == 1 and int(dead[0][1][b"deliveries"]) == 3
 

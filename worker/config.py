@@ -61,6 +61,8 @@ class WorkerConfig:
     reply_ttl_s: int = 600
     heartbeat_s: float = 2.0
     shutdown_grace_s: float = 30.0
+    # A batch running longer is taken as hung: the worker exits and its jobs are reclaimed.
+    max_batch_seconds: float = 120.0
     fake_dim: int = 384
     fake_delay_us_per_token: float = 0.0
 
@@ -151,6 +153,12 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
     )
     a("--lease-ms", type=int, default=int(_env("embedq_lease_ms", "30000") or 30000))
     a("--max-deliveries", type=int, default=int(_env("embedq_max_deliveries", "3") or 3))
+    a(
+        "--max-batch-seconds",
+        type=float,
+        default=float(_env("embedq_max_batch_seconds", "120") or 120),
+        help="a forward pass running longer is taken as hung: the worker exits so others reclaim its jobs",
+    )
     a("--fake-delay-us-per-token", type=float, default=0.0, help=argparse.SUPPRESS)
 
 
@@ -178,10 +186,13 @@ def config_from_args(ns: argparse.Namespace) -> WorkerConfig:
         consumer_name=ns.consumer_name,
         lease_ms=ns.lease_ms,
         max_deliveries=ns.max_deliveries,
+        max_batch_seconds=ns.max_batch_seconds,
         fake_delay_us_per_token=ns.fake_delay_us_per_token,
     )
     if cfg.lease_ms < 1000:
         raise ConfigError("--lease-ms must be at least 1000")
+    if cfg.max_batch_seconds <= 0:
+        raise ConfigError("--max-batch-seconds must be positive")
     if cfg.max_deliveries < 1:
         raise ConfigError("--max-deliveries must be at least 1")
     return cfg

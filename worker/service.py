@@ -146,6 +146,8 @@ class Worker:
         self._tok_pool = ThreadPoolExecutor(1, thread_name_prefix="embedq-tokenize")
         self._infer_pool = ThreadPoolExecutor(1, thread_name_prefix="embedq-infer")
         self.batches_run = 0
+        # monotonic start of the batch in the inference thread (the hang watchdog).
+        self._batch_started: float | None = None
         # Padding efficiency = real tokens / computed (padded) tokens.
         self.real_tokens = 0
         self.padded_tokens = 0
@@ -441,7 +443,11 @@ class Worker:
     async def _run_batch(self, seqs: list[_Seq]) -> None:
         loop = asyncio.get_running_loop()
         start = time.perf_counter()
-        failures = await loop.run_in_executor(self._infer_pool, self._infer, seqs)
+        self._batch_started = time.monotonic()
+        try:
+            failures = await loop.run_in_executor(self._infer_pool, self._infer, seqs)
+        finally:
+            self._batch_started = None
         elapsed_ms = (time.perf_counter() - start) * 1000
         real = sum(len(s.ids) for s in seqs)
         padded = max(len(s.ids) for s in seqs) * len(seqs)
@@ -567,8 +573,21 @@ class Worker:
             await self._safe(self.stream.heartbeat(self.name, stale_after_ms=self._stale_ms()))
 
     async def _lease_loop(self) -> None:
+        """Renew the leases of held jobs while the model makes progress.
+
+        A batch running past --max-batch-seconds is taken as hung: leases stop being
+        renewed and the task fails, which ends the process (a thread stuck in native code
+        cannot be stopped any other way). Its jobs are then reclaimed by other workers,
+        run alone as redeliveries, and dead-lettered if they hang every worker they reach.
+        """
         while not self._closing:
             await asyncio.sleep(self.config.lease_ms / 3000)
+            started = self._batch_started
+            if started is not None and time.monotonic() - started > self.config.max_batch_seconds:
+                raise WorkerFault(
+                    f"a batch has been running for {time.monotonic() - started:.0f}s "
+                    f"(--max-batch-seconds {self.config.max_batch_seconds:g}): the model looks hung"
+                )
             if self.active:
                 await self._safe(self.stream.renew(list(self.active)))
 

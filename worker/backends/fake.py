@@ -25,6 +25,7 @@ _CLS, _SEP = 101, 102
 # Words that make the fake model fail, so tests can send poison through the real queue.
 RAISE_WORD = "EMBEDQ_FAKE_RAISE"
 CRASH_WORD = "EMBEDQ_FAKE_CRASH"
+HANG_WORD = "EMBEDQ_FAKE_HANG"
 
 
 class FakeTokenizer:
@@ -97,6 +98,7 @@ class FakeBackend:
         self._table = np.random.default_rng(0).standard_normal((_TABLE_ROWS, self.dim), dtype=np.float32)
         self._raise_id = FakeTokenizer._word_id(RAISE_WORD)
         self._crash_id = FakeTokenizer._word_id(CRASH_WORD)
+        self._hang_id = FakeTokenizer._word_id(HANG_WORD)
 
     def embed(self, batch: Sequence[Sequence[int]]) -> np.ndarray:
         for ids in batch:
@@ -104,6 +106,8 @@ class FakeBackend:
                 os._exit(17)  # a segfault-like death: no cleanup, no reply
             if self._raise_id in ids:
                 raise RuntimeError("poison input")
+            if self._hang_id in ids:
+                time.sleep(24 * 3600)  # a model stuck in native code
         out = np.empty((len(batch), self.dim), dtype=np.float32)
         for row, ids in enumerate(batch):
             arr = np.asarray(ids, dtype=np.int64)
