@@ -1,4 +1,4 @@
-"""The `embedq` command: `up` (all-in-one), `worker` and `gateway`."""
+"""The `embedq` command: `up` (all-in-one), `worker`, `gateway` and `status`."""
 
 from __future__ import annotations
 
@@ -48,6 +48,17 @@ def _cmd_gateway(ns: argparse.Namespace) -> int:
         logging.getLogger("embedq").error("%s", exc)
         return 2
     run_gateway(config)
+    return 0
+
+
+def _cmd_status(ns: argparse.Namespace) -> int:
+    from embedq.status import status
+
+    try:
+        print(status(ns.redis_url))
+    except (ConnectionError, OSError) as exc:
+        logging.getLogger("embedq").error("%s", exc)
+        return 1
     return 0
 
 
@@ -107,6 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     gateway = sub.add_parser("gateway", help="serve TEI's and OpenAI's HTTP APIs in front of the queue")
     add_gateway_arguments(gateway)
 
+    st = sub.add_parser("status", help="served models, live workers, backlog, pending and dead letters")
+    st.add_argument("--redis-url", default=os.environ.get("EMBEDQ_REDIS_URL", "redis://127.0.0.1:6379/0"))
+
     up = sub.add_parser(
         "up",
         help="start Redis (embedded unless --redis-url), a worker and the HTTP gateway; "
@@ -131,4 +145,6 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if ns.command == "gateway":
         return _cmd_gateway(ns)
+    if ns.command == "status":
+        return _cmd_status(ns)
     return _cmd_worker(ns)

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -9,7 +10,21 @@ from embedq.redis_server import RedisServer
 
 from .helpers import STARTED
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+
+def _shared_folder() -> Path:
+    """The project's shared reference folder: $EMBEDQ_SHARED, else beside the checkout,
+    else /work/shared (where CI clones live elsewhere on this machine)."""
+    for candidate in (
+        os.environ.get("EMBEDQ_SHARED"),
+        Path(__file__).resolve().parents[1].parent / "shared",
+        "/work/shared",
+    ):
+        if candidate and (Path(candidate) / "data" / "tei-snapshots").is_dir():
+            return Path(candidate)
+    return Path(__file__).resolve().parents[1].parent / "shared"
+
+
+SHARED = _shared_folder()
 
 
 @pytest.fixture

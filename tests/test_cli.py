@@ -12,10 +12,13 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import redis
 
 from embedq import Client
+from embedq.common import keys
+from embedq.redis_server import RedisServer
 
-from .helpers import MODEL, free_port
+from .helpers import MODEL, free_port, start_worker
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -108,3 +111,27 @@ def test_rag_quickstart_example() -> None:
     assert "consumer group" in ranked[0].lower()
     scores = [float(line.split()[1]) for line in ranked]
     assert scores == sorted(scores, reverse=True) and np.isfinite(scores).all()
+
+
+def test_status_lists_models_and_queues(redis_server: RedisServer, tmp_path: Path) -> None:
+    def run() -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "embedq", "status", "--redis-url", redis_server.url],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+
+    empty = run()
+    assert empty.returncode == 0 and "no model has been served" in empty.stdout
+    worker = start_worker(redis_server.url, tmp_path, "--backend", "fake")
+    with redis.Redis.from_url(redis_server.url) as r:
+        r.xadd(keys.dead_letter_stream(MODEL), {"reason": "test"})
+    out = run().stdout.splitlines()
+    assert out[0].split()[:3] == ["model", "type", "dtype"]
+    assert out[1].split() == [MODEL, "embedding", "float32", "cpu", "1", "0", "0", "1"]
+    worker.stop()
+    assert run().stdout.splitlines()[1].split()[4] == "0"  # no live worker after a clean stop
+    dead = subprocess.run(
+        [sys.executable, "-m", "embedq", "status", "--redis-url", "redis://127.0.0.1:1/0"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert dead.returncode == 1 and "cannot reach Redis" in dead.stderr

@@ -428,6 +428,10 @@ def test_info_health_metrics_docs(http: httpx.Client) -> None:
     assert "# TYPE te_request_duration histogram" in text
     assert "te_request_duration_bucket{le=" in text
     assert "te_queue_size " in text
+    assert f'embedq_live_workers{{model="{MODEL}"}} 1.0' in text
+    assert f'embedq_dead_letters{{model="{MODEL}"}} 0.0' in text
+    assert f'embedq_queue_backlog{{model="{MODEL}"}} ' in text
+    assert f'embedq_queue_pending{{model="{MODEL}"}} ' in text
     assert "_total" not in text
 
     docs = http.get("/docs")

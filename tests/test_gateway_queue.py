@@ -67,6 +67,10 @@ def test_a_failing_chunk_fails_the_request(redis_server: RedisServer, tmp_path: 
     assert resp.json()["error_type"] == "Backend" and "inference failed" in resp.json()["error"]
     # The gateway keeps serving.
     assert httpx.post(f"{gw.url}/embed", json={"inputs": texts[:9]}, timeout=60).status_code == 200
+    # Dead letters show on the gateway's scrape.
+    with redis.Redis.from_url(redis_server.url) as r:
+        r.xadd(keys.jobs_stream(MODEL), {keys.JOB_FIELD: b"not msgpack at all"})
+    _wait_for(lambda: f'embedq_dead_letters{{model="{MODEL}"}} 1.0' in httpx.get(f"{gw.url}/metrics").text)
 
 
 def test_health_follows_the_workers(redis_server: RedisServer, tmp_path: Path) -> None:
@@ -110,6 +114,13 @@ def test_backlog_admission_answers_429_at_once(redis_server: RedisServer, tmp_pa
                 assert time.monotonic() - started < 1.0
                 assert refused.status_code == 429
                 assert refused.json()["error_type"] == "Overloaded"
+                scrape = (await http.get("/metrics")).text
+                backlog = next(
+                    float(line.rsplit(" ", 1)[1])
+                    for line in scrape.splitlines()
+                    if line.startswith(f'embedq_queue_backlog{{model="{MODEL}"}}')
+                )
+                assert backlog >= 5
                 worker.proc.send_signal(signal.SIGCONT)
                 return list(await asyncio.gather(*first))
 

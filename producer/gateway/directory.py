@@ -13,6 +13,7 @@ import json
 import logging
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
@@ -31,7 +32,11 @@ class ModelView:
     name: str
     info: dict[str, str]
     live_workers: int
+    # Jobs in the stream: waiting or running (workers XDEL what they acknowledge).
     backlog: int
+    # Jobs delivered to a worker and not yet acknowledged.
+    pending: int = 0
+    dead_letters: int = 0
 
     @property
     def model_id(self) -> str:
@@ -133,18 +138,33 @@ class ModelDirectory:
         for name in names:
             pipe.hgetall(keys.model_info_key(name))
             pipe.xlen(keys.jobs_stream(name))
-        first = await pipe.execute()
-        infos = [_decode_map(first[2 * i]) for i in range(len(names))]
+            pipe.xlen(keys.dead_letter_stream(name))
+            pipe.xpending(keys.jobs_stream(name), keys.WORKER_GROUP)
+        # A stream or group that is gone (a flush) reads as empty, not as an outage.
+        first = await pipe.execute(raise_on_error=False)
+        infos = [_decode_map(_ok(first[4 * i], {})) for i in range(len(names))]
         now = now_ms()
         pipe = self.redis.pipeline(transaction=False)
         for name, info in zip(names, infos, strict=True):
             window = _int(info.get("liveness_ms"), DEFAULT_LIVENESS_MS)
             pipe.zcount(keys.workers_key(name), now - window, "+inf")
         counts = await pipe.execute()
-        return {
-            name: ModelView(name=name, info=info, live_workers=int(count), backlog=int(first[2 * i + 1]))
-            for i, (name, info, count) in enumerate(zip(names, infos, counts, strict=True))
-        }
+        views = {}
+        for i, (name, info, count) in enumerate(zip(names, infos, counts, strict=True)):
+            pending = _ok(first[4 * i + 3], {})
+            views[name] = ModelView(
+                name=name,
+                info=info,
+                live_workers=int(count),
+                backlog=int(_ok(first[4 * i + 1], 0)),
+                pending=int(pending.get("pending", 0)) if isinstance(pending, dict) else 0,
+                dead_letters=int(_ok(first[4 * i + 2], 0)),
+            )
+        return views
+
+
+def _ok(value: Any, default: Any) -> Any:
+    return default if isinstance(value, Exception) else value
 
 
 def _valid(name: str) -> bool:

@@ -96,6 +96,26 @@ class GatewayMetrics:
         self.queue_size = Gauge(
             "te_queue_size", "jobs waiting or running in the default model's queue", registry=self.registry
         )
+        # Queue state of every served model, read from Redis (never from payloads).
+        self._queue = {
+            name: Gauge(name, doc, ["model"], registry=self.registry)
+            for name, doc in (
+                ("embedq_queue_backlog", "jobs in the model's stream, waiting or running"),
+                ("embedq_queue_pending", "jobs delivered to a worker and not yet acknowledged"),
+                ("embedq_dead_letters", "entries in the model's dead-letter stream"),
+                ("embedq_live_workers", "workers with a fresh heartbeat"),
+            )
+        }
+
+    def queue_state(self, models: dict[str, tuple[int, int, int, int]]) -> None:
+        """(backlog, pending, dead letters, live workers) by served model name."""
+        for gauge in self._queue.values():
+            gauge.clear()  # models that went away disappear from the scrape
+        for model, (backlog, pending, dead, live) in models.items():
+            self._queue["embedq_queue_backlog"].labels(model).set(backlog)
+            self._queue["embedq_queue_pending"].labels(model).set(pending)
+            self._queue["embedq_dead_letters"].labels(model).set(dead)
+            self._queue["embedq_live_workers"].labels(model).set(live)
 
     def received(self, family: str, batch: bool) -> None:
         method = "batch" if batch else "single"
