@@ -21,13 +21,14 @@ WIRE_VERSION: Literal[1] = 1
 MAX_JOB_INPUTS = 16_384
 
 JobKind = Literal["embed", "embed_all", "embed_sparse", "rerank", "predict", "tokenize", "decode"]
-ModelType = Literal["embedding", "classifier", "reranker"]
+ModelType = Literal["embedding", "classifier", "reranker", "splade"]
 # The kinds a worker runs for each type of model; other kinds get a BackendError (TEI's
-# 424 for a route of the wrong model type). embed_sparse is reserved for SPLADE models.
+# 424 for a route of the wrong model type).
 KINDS_BY_MODEL_TYPE: dict[str, tuple[JobKind, ...]] = {
     "embedding": ("embed", "embed_all", "tokenize", "decode"),
     "reranker": ("rerank", "predict", "tokenize", "decode"),
     "classifier": ("predict", "tokenize", "decode"),
+    "splade": ("embed_sparse", "tokenize", "decode"),
 }
 # Kinds whose reply carries one row of raw logits per input (Reply.scores).
 SCORE_KINDS: tuple[JobKind, ...] = ("rerank", "predict")
@@ -65,6 +66,14 @@ class EmbedAllParams(TruncationParams):
     encoding: Literal["float32", "float16"] = "float32"
 
 
+class EmbedSparseParams(TruncationParams):
+    """Parameters of an ``embed_sparse`` job (SPLADE)."""
+
+    prompt_name: str | None = Field(default=None, max_length=200)
+    # Keep only the k largest weights of each vector (None: every non-zero weight).
+    top_k: int | None = Field(default=None, ge=1)
+
+
 class EmbedParams(EmbedAllParams):
     """Parameters of an ``embed`` job: pooled vectors."""
 
@@ -94,6 +103,7 @@ class DecodeParams(_Wire):
 PARAMS_BY_KIND: dict[str, type[_Wire]] = {
     "embed": EmbedParams,
     "embed_all": EmbedAllParams,
+    "embed_sparse": EmbedSparseParams,
     "rerank": RerankParams,
     "predict": PredictParams,
     "tokenize": TokenizeParams,
@@ -170,6 +180,13 @@ class TokenList(_Wire):
     stops: list[int]
 
 
+class SparseVector(_Wire):
+    """The non-zero weights of one input: little-endian int32 indices, float32 values."""
+
+    indices: bytes
+    values: bytes
+
+
 class Reply(_Wire):
     v: Literal[1] = WIRE_VERSION
     id: str
@@ -180,6 +197,7 @@ class Reply(_Wire):
     # rerank / predict: raw logits, (inputs × labels), with the labels' names.
     scores: EmbedResult | None = None
     labels: list[str] | None = None
+    sparse: list[SparseVector] | None = None
     tokens: list[TokenList] | None = None
     texts: list[str] | None = None
     meta: ReplyMeta | None = None

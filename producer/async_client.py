@@ -28,7 +28,16 @@ from embedq.common.errors import (
 from embedq.common.ids import new_client_id, new_request_id, now_ms
 from embedq.common.scores import Prediction, Ranked, predictions, rank
 from embedq.common.settings import DEFAULT_MODEL_NAME, DEFAULT_REDIS_URL, RedisSettings, connect
-from embedq.common.wire import EmbedParams, Job, JobKind, PredictParams, Reply, RerankParams, pack_job
+from embedq.common.wire import (
+    EmbedParams,
+    EmbedSparseParams,
+    Job,
+    JobKind,
+    PredictParams,
+    Reply,
+    RerankParams,
+    pack_job,
+)
 from embedq.producer.replies import ReplyReader
 from embedq.producer.submitter import Submitter
 
@@ -197,6 +206,32 @@ class AsyncClient:
         reply = await self.request("embed", inputs, params, model=model, timeout=timeout)
         return embeddings_of(reply)
 
+    async def embed_sparse(
+        self,
+        texts: Texts,
+        *,
+        truncate: bool | None = None,
+        truncation_direction: Literal["right", "left"] = "right",
+        prompt_name: str | None = None,
+        top_k: int | None = None,
+        model: str | None = None,
+        timeout: float | None = None,
+    ) -> list[tuple[np.ndarray, np.ndarray]]:
+        """SPLADE vectors of a sparse model: per input, (vocabulary indices, weights),
+        indices ascending; ``top_k`` keeps the k largest weights."""
+        inputs = _as_inputs(texts)
+        if not inputs:
+            raise EmptyInputError("Batch is empty")
+        params = _params(
+            EmbedSparseParams,
+            truncate=truncate,
+            truncation_direction=truncation_direction,
+            prompt_name=prompt_name,
+            top_k=top_k,
+        )
+        reply = await self.request("embed_sparse", inputs, params, model=model, timeout=timeout)
+        return sparse_of(reply)
+
     async def rerank(
         self,
         query: str,
@@ -328,6 +363,21 @@ def embeddings_of(reply: Reply) -> np.ndarray:
         raise ProtocolError("reply carries no embeddings")
     res = reply.embed
     return vectors_from_bytes(res.data, res.dtype, res.shape)
+
+
+def sparse_of(reply: Reply) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per input of an embed_sparse reply: (int32 vocabulary indices, float32 weights)."""
+    raise_for_error(reply)
+    if reply.sparse is None:
+        raise ProtocolError("reply carries no sparse vectors")
+    out = []
+    for vec in reply.sparse:
+        indices = np.frombuffer(vec.indices, dtype="<i4").astype(np.int32)
+        values = np.frombuffer(vec.values, dtype="<f4").astype(np.float32)
+        if len(indices) != len(values):
+            raise ProtocolError("sparse vector with mismatched indices and values")
+        out.append((indices, values))
+    return out
 
 
 def scores_of(reply: Reply) -> tuple[np.ndarray, list[str]]:

@@ -38,6 +38,9 @@ class Client:
     def embed(self, texts: Texts, **params: Any) -> np.ndarray:
         return self._call(self._async.embed(texts, **params))
 
+    def embed_sparse(self, texts: Texts, **params: Any) -> list[tuple[np.ndarray, np.ndarray]]:
+        return self._call(self._async.embed_sparse(texts, **params))
+
     def rerank(self, query: str, texts: Sequence[str], **params: Any) -> list[Ranked]:
         return self._call(self._async.rerank(query, texts, **params))
 

@@ -15,12 +15,14 @@ from embedq.common.wire import (
     EmbedAllParams,
     EmbedParams,
     EmbedResult,
+    EmbedSparseParams,
     ErrorBody,
     Job,
     PredictParams,
     Reply,
     ReplyMeta,
     RerankParams,
+    SparseVector,
     TokenizeParams,
     TokenList,
 )
@@ -28,7 +30,15 @@ from embedq.worker.postprocess import finish_vectors
 from embedq.worker.stream import Delivery
 
 # The typed params of the kinds a worker runs (validated at admission).
-JobParams = EmbedParams | EmbedAllParams | RerankParams | PredictParams | TokenizeParams | DecodeParams
+JobParams = (
+    EmbedParams
+    | EmbedAllParams
+    | EmbedSparseParams
+    | RerankParams
+    | PredictParams
+    | TokenizeParams
+    | DecodeParams
+)
 
 
 @dataclass(eq=False)
@@ -45,6 +55,8 @@ class ActiveJob:
     # embed: pooled rows (inputs × dim); embed_all: one (tokens × dim) array per input.
     pooled: np.ndarray | None = None
     token_rows: list[np.ndarray | None] | None = None
+    # embed_sparse: one (indices, weights) pair per input.
+    sparse_rows: list[tuple[np.ndarray, np.ndarray] | None] | None = None
     # tokenize / decode results, computed in the tokenizer thread.
     tokens: list[TokenList] | None = None
     texts: list[str] | None = None
@@ -64,6 +76,8 @@ class ActiveJob:
         self.remaining = len(token_counts)
         if self.per_token:
             self.token_rows = [None] * len(token_counts)
+        elif self.job.kind == "embed_sparse":
+            self.sparse_rows = [None] * len(token_counts)
         else:
             self.pooled = np.empty((len(token_counts), dim), dtype=np.float32)
 
@@ -86,6 +100,23 @@ class ActiveJob:
             return Reply(id=self.job.id, ok=True, tokens=self.tokens, meta=meta)
         if self.texts is not None:
             return Reply(id=self.job.id, ok=True, texts=self.texts, meta=meta)
+        if self.sparse_rows is not None:
+            assert isinstance(self.params, EmbedSparseParams)
+            top_k = self.params.top_k
+            vectors = []
+            for row in self.sparse_rows:
+                assert row is not None
+                indices, values = row
+                if top_k is not None and len(values) > top_k:
+                    keep = np.sort(np.argsort(-values, kind="stable")[:top_k])
+                    indices, values = indices[keep], values[keep]
+                vectors.append(
+                    SparseVector(
+                        indices=np.ascontiguousarray(indices, dtype="<i4").tobytes(),
+                        values=np.ascontiguousarray(values, dtype="<f4").tobytes(),
+                    )
+                )
+            return Reply(id=self.job.id, ok=True, sparse=vectors, meta=meta)
         if self.job.kind in SCORE_KINDS:
             assert self.pooled is not None
             scores = EmbedResult(

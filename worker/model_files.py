@@ -11,11 +11,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-Pooling = Literal["mean", "cls", "last-token"]
-POOLINGS: tuple[Pooling, ...] = ("mean", "cls", "last-token")
+Pooling = Literal["mean", "cls", "last-token", "splade"]
+POOLINGS: tuple[Pooling, ...] = ("mean", "cls", "last-token", "splade")
 # What a folder's model does: pooled embeddings, or a sequence-classification head
 # (one label: a cross-encoder reranker, as TEI decides).
-Task = Literal["embedding", "classifier", "reranker"]
+Task = Literal["embedding", "classifier", "reranker", "splade"]
 
 # Model families whose position ids start after the padding id (RoBERTa style).
 _POSITION_OFFSET_TYPES = {"roberta", "xlm-roberta", "camembert", "xlm-roberta-xl"}
@@ -49,7 +49,7 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 # sentence-transformers modules this worker applies (Normalize is the request's choice).
-_SUPPORTED_MODULES = ("Transformer", "Pooling", "Normalize")
+_SUPPORTED_MODULES = ("Transformer", "Pooling", "Normalize", "MLMTransformer", "SpladePooling")
 
 
 def check_modules(path: Path) -> None:
@@ -68,6 +68,17 @@ def check_modules(path: Path) -> None:
                 f"{path} uses the sentence-transformers module {kind!r} ({entry.get('path')}), "
                 "which embedq does not apply yet; serving it would give wrong vectors"
             )
+
+
+def _has_module(path: Path, kind: str) -> bool:
+    modules = path / "modules.json"
+    if not modules.is_file():
+        return False
+    try:
+        entries = json.loads(modules.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ModelFolderError(f"cannot read {modules}: {exc}") from exc
+    return any(str(e.get("type", "")).endswith(kind) for e in entries)
 
 
 def _pooling_folder(path: Path) -> Path | None:
@@ -121,6 +132,12 @@ def read_layout(path: Path, *, pooling: Pooling | None = None) -> ModelLayout:
     config = _read_json(path / "config.json")
     model_type = str(config.get("model_type", "unknown"))
     task, id2label = task_of(config)
+    if pooling == "splade" or (pooling is None and _has_module(path, "SpladePooling")):
+        # SPLADE: max over tokens of log(1 + relu(MLM logits)); needs a masked-LM head.
+        archs = [str(a) for a in config.get("architectures") or []]
+        if not any(a.endswith("ForMaskedLM") for a in archs):
+            raise ModelFolderError(f"{path}: SPLADE needs a *ForMaskedLM model, found {archs or 'none'}")
+        task, pooling = "splade", "splade"
 
     if pooling is None and task == "embedding":
         folder = _pooling_folder(path)
@@ -158,7 +175,7 @@ def read_layout(path: Path, *, pooling: Pooling | None = None) -> ModelLayout:
         path=path,
         model_type=model_type,
         task=task,
-        pooling=pooling if task == "embedding" else None,
+        pooling=pooling if task in ("embedding", "splade") else None,
         id2label=id2label,
         max_input_length=max_input_length,
         prompts=prompts,

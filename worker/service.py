@@ -45,6 +45,7 @@ from embedq.common.wire import (
     DecodeParams,
     EmbedAllParams,
     EmbedParams,
+    EmbedSparseParams,
     Input,
     PredictParams,
     RerankParams,
@@ -392,7 +393,7 @@ class Worker:
                     options = self._truncation(params, prompt=None)
                     seqs = list(encode_scoring_inputs(tokenizer, job.job.inputs, query, options))
                 else:
-                    assert isinstance(params, EmbedParams | EmbedAllParams)
+                    assert isinstance(params, EmbedParams | EmbedAllParams | EmbedSparseParams)
                     options = self._truncation(params, prompt=self._prompt(params.prompt_name))
                     seqs = [(ids, None) for ids in encode_inputs(tokenizer, job.job.inputs, options)]
                 if seqs is not None and any(not ids for ids, _ in seqs):
@@ -480,8 +481,12 @@ class Worker:
     def _infer(self, seqs: list[_Seq]) -> dict[ActiveJob, EmbedqError]:
         """Run a batch; on failure, bisect so one bad input fails only its own job."""
         try:
-            pooled_seqs = [s for s in seqs if not s.job.per_token]
+            sparse_seqs = [s for s in seqs if s.job.sparse_rows is not None]
+            pooled_seqs = [s for s in seqs if not s.job.per_token and s.job.sparse_rows is None]
             token_seqs = [s for s in seqs if s.job.per_token]
+            sparse = self.backend.embed_sparse([s.ids for s in sparse_seqs]) if sparse_seqs else []
+            if any(not np.all(np.isfinite(v)) for _, v in sparse):
+                raise FloatingPointError("non-finite values in the model output")
             pooled = None
             if pooled_seqs and pooled_seqs[0].types is not None:  # a model serves one task
                 pooled = self.backend.predict(
@@ -510,6 +515,9 @@ class Worker:
         for s, r in zip(token_seqs, rows, strict=True):
             assert s.job.token_rows is not None
             s.job.token_rows[s.index] = r
+        for s, vec in zip(sparse_seqs, sparse, strict=True):
+            assert s.job.sparse_rows is not None
+            s.job.sparse_rows[s.index] = vec
         return {}
 
     # ---------------------------------------------------------------- replies

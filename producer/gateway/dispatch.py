@@ -23,7 +23,7 @@ from embedq.common.errors import (
     ValidationError,
 )
 from embedq.common.wire import EmbedResult, Input, JobKind, Reply
-from embedq.producer.async_client import AsyncClient, embeddings_of, raise_for_error, scores_of
+from embedq.producer.async_client import AsyncClient, embeddings_of, raise_for_error, scores_of, sparse_of
 from embedq.producer.gateway.config import GatewayConfig
 from embedq.producer.gateway.directory import ModelDirectory, ModelView
 
@@ -52,6 +52,9 @@ class Outcome:
         logits = parts[0][0] if len(parts) == 1 else np.concatenate([p[0] for p in parts], axis=0)
         return logits, parts[0][1]
 
+    def sparse(self) -> list[tuple[np.ndarray, np.ndarray]]:
+        return [vec for r in self.replies for vec in sparse_of(r)]
+
     def token_counts(self) -> list[int]:
         return [n for r in self.replies for n in _result(r).token_counts]
 
@@ -60,7 +63,7 @@ class Outcome:
         total = weight = 0.0
         for r in self.replies:
             if r.meta is not None:
-                n = len(_result(r).token_counts) or 1
+                n = len(r.sparse) if r.sparse is not None else (len(_result(r).token_counts) or 1)
                 total += getattr(r.meta, field) * n
                 weight += n
         return total / weight if weight else 0.0

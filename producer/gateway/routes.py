@@ -18,7 +18,15 @@ from starlette.responses import Response
 
 from embedq.common.errors import BackendError, EmptyInputError, ValidationError
 from embedq.common.scores import predictions, rank
-from embedq.common.wire import EmbedAllParams, EmbedParams, Input, PredictParams, RerankParams, TokenizeParams
+from embedq.common.wire import (
+    EmbedAllParams,
+    EmbedParams,
+    EmbedSparseParams,
+    Input,
+    PredictParams,
+    RerankParams,
+    TokenizeParams,
+)
 from embedq.producer.async_client import predict_inputs
 from embedq.producer.gateway.config import GatewayConfig
 from embedq.producer.gateway.directory import ModelDirectory, ModelView
@@ -181,13 +189,22 @@ def add_routes(
 
     @post("/embed_sparse", EmbedSparseRequest, "SPLADE sparse embeddings")
     async def embed_sparse(request: Request) -> Response:
+        started = time.perf_counter()
         req = validate(EmbedSparseRequest, await read_json(request, config.payload_limit))
         inputs, batch = as_inputs(req.inputs)
         metrics.received("embed", batch)
-        view = await dispatcher.resolve(None)
-        dispatcher.admit(view, "embed_sparse", len(inputs))
-        # No worker of this release publishes embed_sparse, so admit() answers 424 above.
-        raise BackendError("this gateway release cannot shape embed_sparse answers yet")
+        params = EmbedSparseParams(
+            truncate=req.truncate,
+            truncation_direction=req.truncation_direction,  # type: ignore[arg-type]
+            prompt_name=req.prompt_name,
+            top_k=req.top_k,
+        ).model_dump(exclude_defaults=True)
+        outcome = await dispatcher.run("embed_sparse", inputs, params)
+        body = [
+            [{"index": int(i), "value": float(v)} for i, v in zip(idx.tolist(), val.tolist(), strict=True)]
+            for idx, val in outcome.sparse()
+        ]
+        return finish("embed", outcome, started, body, inputs, batch)
 
     @post("/rerank", RerankRequest, "Cross-encoder scores of texts against a query")
     async def rerank(request: Request) -> Response:
@@ -324,7 +341,9 @@ def add_routes(
     @post("/", EmbedRequest, "Routed by the model's kind: /embed, /rerank or /predict")
     async def root(request: Request) -> Response:
         view = await dispatcher.resolve(None)
-        route = {"embedding": embed, "reranker": rerank, "classifier": predict}.get(view.model_type)
+        route = {"embedding": embed, "reranker": rerank, "classifier": predict, "splade": embed_sparse}.get(
+            view.model_type
+        )
         if route is None:
             raise BackendError(f"model {view.name!r} is a {view.model_type} model, which / cannot route")
         return await route(request)
@@ -381,6 +400,8 @@ def add_routes(
         model_type = (
             {"embedding": {"pooling": i.get("pooling", "mean")}}
             if view.model_type == "embedding"
+            else {"embedding": {"pooling": "splade"}}
+            if view.model_type == "splade"
             else {view.model_type: heads}
         )
         return json_response(

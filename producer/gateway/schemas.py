@@ -87,6 +87,7 @@ class EmbedAllRequest(_Truncation):
 class EmbedSparseRequest(_Truncation):
     inputs: InputsField
     prompt_name: str | None = None
+    top_k: int | None = Field(default=None, ge=1, description="embedq: keep the k largest weights")
 
 
 class PredictRequest(_Truncation):

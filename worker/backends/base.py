@@ -55,6 +55,10 @@ class Backend(Protocol):
         """Raw float32 logits (len(batch) × labels) of a classification head."""
         ...
 
+    def embed_sparse(self, batch: Sequence[Sequence[int]]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """SPLADE vectors: per sequence, (int32 vocabulary indices, float32 weights > 0)."""
+        ...
+
     def warmup(self) -> None:
         """Run the model once so the first request is not slow."""
         ...

@@ -128,5 +128,11 @@ class FakeBackend:
         # protocol whole (the worker never routes score kinds to an embedding model).
         return self.embed(batch)[:, :1]
 
+    def embed_sparse(self, batch: Sequence[Sequence[int]]) -> list[tuple[np.ndarray, np.ndarray]]:
+        # Not an embedding kind the fake model serves; defined for the protocol's sake.
+        return [
+            (np.unique(np.asarray(ids, dtype=np.int32)), np.ones(len(set(ids)), np.float32)) for ids in batch
+        ]
+
     def warmup(self) -> None:
         return None

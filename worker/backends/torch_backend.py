@@ -60,7 +60,13 @@ def _pool(hidden: torch.Tensor, mask: torch.Tensor, lengths: torch.Tensor, pooli
 
 class TorchBackend:
     def __init__(self, config: WorkerConfig) -> None:
-        from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, AutoTokenizer
+        from transformers import (
+            AutoConfig,
+            AutoModel,
+            AutoModelForMaskedLM,
+            AutoModelForSequenceClassification,
+            AutoTokenizer,
+        )
 
         path = Path(config.model_path)
         layout = read_layout(path, pooling=config.pooling)
@@ -73,7 +79,9 @@ class TorchBackend:
         hf_config = AutoConfig.from_pretrained(path)
         self.task = layout.task
         # Classification heads (rerankers, classifiers) load with their head.
-        auto = AutoModel if layout.task == "embedding" else AutoModelForSequenceClassification
+        auto = {"embedding": AutoModel, "splade": AutoModelForMaskedLM}.get(
+            layout.task, AutoModelForSequenceClassification
+        )
         try:
             self.model = auto.from_pretrained(
                 path, dtype=dtype, attn_implementation="sdpa", use_safetensors=True
@@ -92,6 +100,8 @@ class TorchBackend:
         self.tokenizer = HFTokenizer(backend_tok, layout.max_input_length)
         self.pooling = layout.pooling
         width = int(getattr(hf_config, "hidden_size", 0) or getattr(hf_config, "dim", 0))
+        if layout.task == "splade":  # sparse vectors span the vocabulary
+            width = int(hf_config.vocab_size)
         # Token type ids matter for BERT-style pair inputs; models without them ignore none.
         self._uses_types = int(getattr(hf_config, "type_vocab_size", 0) or 0) > 1
         self.description = ModelDescription(
@@ -160,10 +170,24 @@ class TorchBackend:
             logits = self.model(input_ids=ids, attention_mask=mask, **extra).logits
         return logits.float().to("cpu").numpy()
 
+    def embed_sparse(self, batch: Sequence[Sequence[int]]) -> list[tuple[np.ndarray, np.ndarray]]:
+        ids, mask, _lengths = self._collate(batch)
+        with torch.inference_mode():
+            logits = self.model(input_ids=ids, attention_mask=mask).logits
+            weights = torch.log1p(torch.relu(logits.float())) * mask.unsqueeze(-1)
+            pooled = weights.max(dim=1).values.to("cpu")
+        out = []
+        for row in pooled:
+            nz = torch.nonzero(row, as_tuple=True)[0]
+            out.append((nz.numpy().astype(np.int32), row[nz].numpy().astype(np.float32)))
+        return out
+
     def warmup(self) -> None:
         for n, length in ((1, 8), (8, 64)):
             seqs = [[self._pad_id + 1] * length] * n
             if self.task == "embedding":
                 self.embed(seqs)
+            elif self.task == "splade":
+                self.embed_sparse(seqs)
             else:
                 self.predict(seqs, [[0] * length] * n)
