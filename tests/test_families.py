@@ -1,0 +1,132 @@
+"""Encoder families through the whole queue, against sentence-transformers on the same weights.
+
+For each family a tiny random-weight model is built from a transformers config, saved as
+safetensors with a sentence-transformers layout (modules.json, 1_Pooling) and the
+bundled model's WordPiece tokenizer, served by a real worker in float32, and compared
+with SentenceTransformer encoding each text alone (no padding in the reference).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import transformers
+from sentence_transformers import SentenceTransformer
+
+from embedq import Client
+from embedq.redis_server import RedisServer
+
+from .helpers import start_worker
+
+TEXTS = [
+    "A short one.",
+    "Redis Streams deliver each entry to one consumer of a group, and keep it pending until acknowledged.",
+    "x",
+    "Token budgets decide how many sequences share a forward pass; padding wastes compute.",
+]
+SMALL = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64}
+
+# family -> (config class, extra config fields, pooling)
+FAMILIES: dict[str, tuple[str, dict[str, Any], str]] = {
+    "bert": ("BertConfig", {**SMALL, "max_position_embeddings": 128}, "mean"),
+    "roberta": ("RobertaConfig", {**SMALL, "max_position_embeddings": 130, "pad_token_id": 1}, "mean"),
+    "xlm-roberta": ("XLMRobertaConfig", {**SMALL, "max_position_embeddings": 130, "pad_token_id": 1}, "cls"),
+    "camembert": ("CamembertConfig", {**SMALL, "max_position_embeddings": 130, "pad_token_id": 1}, "mean"),
+    "distilbert": (
+        "DistilBertConfig",
+        {"dim": 32, "n_layers": 2, "n_heads": 2, "hidden_dim": 64, "max_position_embeddings": 128},
+        "mean",
+    ),
+    "mpnet": ("MPNetConfig", {**SMALL, "max_position_embeddings": 130, "pad_token_id": 1}, "mean"),
+    "modernbert": (
+        "ModernBertConfig",
+        {
+            **SMALL,
+            "max_position_embeddings": 128,
+            "pad_token_id": 0,
+            "bos_token_id": 101,
+            "eos_token_id": 102,
+            "cls_token_id": 101,
+            "sep_token_id": 102,
+            "global_attn_every_n_layers": 1,
+        },
+        "mean",
+    ),  # fmt: skip
+    "qwen2": (
+        "Qwen2Config",
+        {**SMALL, "num_key_value_heads": 1, "max_position_embeddings": 128, "pad_token_id": 0},
+        "last-token",
+    ),
+    "qwen3": (
+        "Qwen3Config",
+        {
+            **SMALL,
+            "num_key_value_heads": 1,
+            "head_dim": 16,
+            "max_position_embeddings": 128,
+            "pad_token_id": 0,
+        },
+        "last-token",
+    ),
+}
+POOLING_KEYS = {
+    "mean": "pooling_mode_mean_tokens",
+    "cls": "pooling_mode_cls_token",
+    "last-token": "pooling_mode_lasttoken",
+}
+
+
+def _build(folder: Path, bundled: Path, family: str) -> Path:
+    config_name, fields, pooling = FAMILIES[family]
+    torch.manual_seed(0)
+    config = getattr(transformers, config_name)(vocab_size=30522, initializer_range=0.2, **fields)
+    model = transformers.AutoModel.from_config(config).eval()
+    model.save_pretrained(folder, safe_serialization=True)
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        if (bundled / name).is_file():
+            shutil.copy(bundled / name, folder / name)
+    (folder / "modules.json").write_text(
+        json.dumps(
+            [
+                {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+                {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+            ]
+        )
+    )
+    (folder / "sentence_bert_config.json").write_text(
+        json.dumps({"max_seq_length": 64, "do_lower_case": False})
+    )
+    (folder / "1_Pooling").mkdir()
+    pool_cfg = {"word_embedding_dimension": 32, **{k: False for k in POOLING_KEYS.values()}}
+    pool_cfg[POOLING_KEYS[pooling]] = True
+    (folder / "1_Pooling" / "config.json").write_text(json.dumps(pool_cfg))
+    return folder
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_family_embeddings_match_sentence_transformers(
+    family: str, module_redis: RedisServer, model_path: Path, tmp_path: Path
+) -> None:
+    folder = _build(tmp_path / family, model_path, family)
+    reference = SentenceTransformer(str(folder), device="cpu")
+    expected = np.stack([reference.encode([t], normalize_embeddings=False)[0] for t in TEXTS])
+
+    name = f"tiny-{family}"
+    args = ("--model-id", str(folder), "--served-model-name", name, "--dtype", "float32")
+    worker = start_worker(module_redis.url, tmp_path, *args, model=name)
+    try:
+        with Client(module_redis.url, model=name) as client:
+            got = client.embed(TEXTS, normalize=False)  # one job: the worker pads these together
+    finally:
+        worker.stop()
+    diff = float(np.abs(got - expected).max())
+    cos = np.sum(got * expected, axis=1) / (np.linalg.norm(got, axis=1) * np.linalg.norm(expected, axis=1))
+    print(f"{family}: max abs diff {diff:.2e}, min cosine {cos.min():.6f}")
+    assert cos.min() >= 0.9999, (family, cos)
+    assert diff < 1e-4, (family, diff)
