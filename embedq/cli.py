@@ -22,12 +22,12 @@ def _cmd_worker(ns: argparse.Namespace) -> int:
     from embedq.worker.config import ConfigError, config_from_args
     from embedq.worker.main import run_worker
     from embedq.worker.model_files import ModelFolderError
-    from embedq.worker.service import WorkerFault
+    from embedq.worker.service import RegistrationConflict, WorkerFault
 
     try:
         config = config_from_args(ns)
         run_worker(config)
-    except (ConfigError, ModelFolderError, ValueError) as exc:
+    except (ConfigError, ModelFolderError, RegistrationConflict, ValueError) as exc:
         logging.getLogger("embedq").error("%s", exc)
         return 2
     except WorkerFault as exc:

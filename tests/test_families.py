@@ -35,6 +35,8 @@ SMALL = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "i
 # family -> (config class, extra config fields, pooling)
 FAMILIES: dict[str, tuple[str, dict[str, Any], str]] = {
     "bert": ("BertConfig", {**SMALL, "max_position_embeddings": 128}, "mean"),
+    # sentence-transformers Dense modules after pooling (Tanh, then Identity).
+    "bert+dense": ("BertConfig", {**SMALL, "max_position_embeddings": 128}, "mean"),
     "roberta": ("RobertaConfig", {**SMALL, "max_position_embeddings": 130, "pad_token_id": 1}, "mean"),
     "xlm-roberta": ("XLMRobertaConfig", {**SMALL, "max_position_embeddings": 130, "pad_token_id": 1}, "cls"),
     "camembert": ("CamembertConfig", {**SMALL, "max_position_embeddings": 130, "pad_token_id": 1}, "mean"),
@@ -91,14 +93,27 @@ def _build(folder: Path, bundled: Path, family: str) -> Path:
     for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
         if (bundled / name).is_file():
             shutil.copy(bundled / name, folder / name)
-    (folder / "modules.json").write_text(
-        json.dumps(
-            [
-                {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-                {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
-            ]
-        )
-    )
+    modules = [
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+    ]
+    if family.endswith("+dense"):
+        from sentence_transformers.models import Dense
+
+        for idx, (n_in, n_out, act) in enumerate(
+            ((32, 24, torch.nn.Tanh()), (24, 16, torch.nn.Identity())), 2
+        ):
+            (folder / f"{idx}_Dense").mkdir()
+            Dense(n_in, n_out, activation_function=act).save(str(folder / f"{idx}_Dense"))
+            modules.append(
+                {
+                    "idx": idx,
+                    "name": str(idx),
+                    "path": f"{idx}_Dense",
+                    "type": "sentence_transformers.models.Dense",
+                }
+            )
+    (folder / "modules.json").write_text(json.dumps(modules))
     (folder / "sentence_bert_config.json").write_text(
         json.dumps({"max_seq_length": 64, "do_lower_case": False})
     )

@@ -409,6 +409,7 @@ def test_info_health_metrics_docs(http: httpx.Client) -> None:
     assert info["model_dtype"] == "float32"
     assert info["max_client_batch_size"] == 32
     assert info["auto_truncate"] is True
+    assert len(info["model_sha"]) == 16  # the worker's fingerprint of config and weights
     for field in ("model_sha", "max_concurrent_requests", "max_batch_tokens", "max_batch_requests",
                   "tokenization_workers", "version", "sha", "docker_label", "served_model_name"):  # fmt: skip
         assert field in info

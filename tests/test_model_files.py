@@ -84,10 +84,15 @@ def test_unapplied_st_modules_are_refused(tmp_path: Path) -> None:
     modules = [
         {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
         {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
-        {"idx": 2, "name": "2", "path": "2_Dense", "type": "sentence_transformers.models.Dense"},
+        {"idx": 2, "name": "2", "path": "2_LayerNorm", "type": "sentence_transformers.models.LayerNorm"},
     ]
     (folder / "modules.json").write_text(json.dumps(modules))
-    with pytest.raises(ModelFolderError, match="Dense"):
+    with pytest.raises(ModelFolderError, match="LayerNorm"):
+        read_layout(folder)
+    # A Dense module is applied, so its files must be there.
+    dense = {"idx": 2, "name": "2", "path": "2_Dense", "type": "sentence_transformers.models.Dense"}
+    (folder / "modules.json").write_text(json.dumps([*modules[:2], dense]))
+    with pytest.raises(ModelFolderError, match="2_Dense"):
         read_layout(folder)
     (folder / "modules.json").write_text(json.dumps(modules[:2]))
     assert read_layout(folder).pooling == "cls"

@@ -467,3 +467,21 @@ async def test_decode_bomb_is_rejected_cheaply(redis_server: RedisServer, tmp_pa
             assert (await c.embed("fine")).shape == (1, 384)
     finally:
         worker.stop()
+
+
+def test_a_different_model_under_a_live_name_is_refused(redis_server: RedisServer, tmp_path: Path) -> None:
+    fake = start_worker(redis_server.url, tmp_path, *FAKE)
+    other = start_worker(redis_server.url, tmp_path, "--served-model-name", MODEL, wait=False)
+    assert other.proc.wait(timeout=120) == 2
+    log = other.log()
+    assert "already serve" in log and "model_id 'fake'" in log
+    # The same model under the same name joins; once the others are gone, a new model may
+    # take the name over.
+    twin = start_worker(redis_server.url, tmp_path, *FAKE)
+    fake.stop()
+    twin.stop()
+    real = start_worker(redis_server.url, tmp_path, "--served-model-name", MODEL)
+    with redis.Redis.from_url(redis_server.url) as r:
+        info = r.hgetall(keys.model_info_key(MODEL))
+    assert info[b"model_id"] == MODEL.encode() and len(info[b"revision"]) == 16
+    real.stop()

@@ -6,6 +6,7 @@ Plain JSON reading, no torch: which pooling (1_Pooling), the maximum sequence le
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +35,8 @@ class ModelLayout:
     pooling: Pooling | None
     max_input_length: int
     id2label: dict[int, str] = field(default_factory=dict)
+    # Dense modules applied after pooling, in order.
+    dense: tuple[DenseLayer, ...] = ()
     prompts: dict[str, str] = field(default_factory=dict)
     default_prompt_name: str | None = None
 
@@ -49,7 +52,20 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 # sentence-transformers modules this worker applies (Normalize is the request's choice).
-_SUPPORTED_MODULES = ("Transformer", "Pooling", "Normalize", "MLMTransformer", "SpladePooling")
+_SUPPORTED_MODULES = ("Transformer", "Pooling", "Dense", "Normalize", "MLMTransformer", "SpladePooling")
+# Activations a Dense module may name (sentence-transformers stores the class path).
+DENSE_ACTIVATIONS = ("Tanh", "Identity", "ReLU", "GELU", "Sigmoid")
+
+
+@dataclass(frozen=True)
+class DenseLayer:
+    """A sentence-transformers Dense module: y = activation(W x + b), after pooling."""
+
+    path: Path
+    in_features: int
+    out_features: int
+    bias: bool
+    activation: str
 
 
 def check_modules(path: Path) -> None:
@@ -68,6 +84,40 @@ def check_modules(path: Path) -> None:
                 f"{path} uses the sentence-transformers module {kind!r} ({entry.get('path')}), "
                 "which embedq does not apply yet; serving it would give wrong vectors"
             )
+
+
+def dense_layers(path: Path) -> tuple[DenseLayer, ...]:
+    """The Dense modules of a sentence-transformers pipeline, in modules.json order."""
+    modules = path / "modules.json"
+    if not modules.is_file():
+        return ()
+    try:
+        entries = json.loads(modules.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ModelFolderError(f"cannot read {modules}: {exc}") from exc
+    layers = []
+    for entry in sorted(entries, key=lambda e: int(e.get("idx", 0))):
+        if not str(entry.get("type", "")).endswith("Dense"):
+            continue
+        folder = path / str(entry.get("path", ""))
+        cfg = _read_json(folder / "config.json")
+        activation = str(cfg.get("activation_function", "torch.nn.modules.activation.Tanh")).rsplit(".", 1)[
+            -1
+        ]
+        if activation not in DENSE_ACTIVATIONS:
+            raise ModelFolderError(f"{folder}: Dense activation {activation!r} is not supported")
+        if not (folder / "model.safetensors").is_file():
+            raise ModelFolderError(f"{folder} has no model.safetensors (embedq loads safetensors only)")
+        layers.append(
+            DenseLayer(
+                path=folder,
+                in_features=int(cfg["in_features"]),
+                out_features=int(cfg["out_features"]),
+                bias=bool(cfg.get("bias", True)),
+                activation=activation,
+            )
+        )
+    return tuple(layers)
 
 
 def _has_module(path: Path, kind: str) -> bool:
@@ -124,6 +174,27 @@ def task_of(config: dict[str, Any]) -> tuple[Task, dict[int, str]]:
     return ("reranker" if len(id2label) == 1 else "classifier"), id2label
 
 
+def fingerprint(path: Path) -> str:
+    """A short identity of a model folder's config and weights, cheap on large models.
+
+    Hashes config.json and, for each safetensors file, its header (names, shapes) and
+    16 samples of 64 KiB spread over the data, so two fine-tunes of one architecture
+    differ while a multi-gigabyte model is not read in full.
+    """
+    digest = hashlib.sha256()
+    config = path / "config.json"
+    if config.is_file():
+        digest.update(config.read_bytes())
+    for weights in sorted(path.glob("*.safetensors")):
+        size = weights.stat().st_size
+        digest.update(f"{weights.name}:{size}".encode())
+        with open(weights, "rb") as f:
+            for i in range(17):
+                f.seek(min(size, i * size // 16))
+                digest.update(f.read(65536))
+    return digest.hexdigest()[:16]
+
+
 def read_layout(path: Path, *, pooling: Pooling | None = None) -> ModelLayout:
     """Describe the model folder at ``path``; ``pooling`` overrides what the folder says."""
     if not (path / "config.json").is_file():
@@ -177,6 +248,7 @@ def read_layout(path: Path, *, pooling: Pooling | None = None) -> ModelLayout:
         task=task,
         pooling=pooling if task in ("embedding", "splade") else None,
         id2label=id2label,
+        dense=dense_layers(path) if task == "embedding" else (),
         max_input_length=max_input_length,
         prompts=prompts,
         default_prompt_name=default_prompt_name,

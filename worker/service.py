@@ -69,6 +69,10 @@ class WorkerFault(Exception):
     """The worker cannot go on safely; the process should exit and let others reclaim."""
 
 
+class RegistrationConflict(Exception):
+    """Live workers already serve a different model under this worker's served name."""
+
+
 READ_COUNT = 64
 READ_BLOCK_MS = 1000
 
@@ -161,6 +165,7 @@ class Worker:
         self._room.set()
 
     async def run(self) -> None:
+        await self._check_registration()
         await self.stream.ensure_group()
         await self.stream.register(self._info())
         await self.stream.heartbeat(self.name, stale_after_ms=self._stale_ms())
@@ -227,6 +232,22 @@ class Worker:
         finally:
             stop.cancel()
 
+    async def _check_registration(self) -> None:
+        """Refuse to join live workers of this name that serve a different model: their
+        callers would get answers from two models under one name."""
+        info, live = await self.stream.registered(self._stale_ms())
+        if not live or not info:
+            return  # nobody serves it now: this worker (re)defines the name
+        mine = self._info()
+        for field in ("model_type", "model_id", "dim", "revision"):
+            theirs = info.get(field)
+            if theirs is not None and theirs != mine[field]:
+                raise RegistrationConflict(
+                    f"{live} live worker(s) already serve {self.config.served_model_name!r} with "
+                    f"{field} {theirs!r}; this worker has {mine[field]!r}. Stop them first, or "
+                    "pick another --served-model-name"
+                )
+
     def _stale_ms(self) -> int:
         return int(self.config.heartbeat_s * 5 * 1000)
 
@@ -235,6 +256,7 @@ class Worker:
         return {
             "model_id": d.model_id,
             "model_type": d.model_type,
+            "revision": d.revision,
             "labels": json.dumps(d.labels),
             "dim": str(d.dim),
             "max_input_length": str(d.max_input_length),

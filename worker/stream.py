@@ -69,6 +69,16 @@ class JobStream:
             if "BUSYGROUP" not in str(exc):
                 raise
 
+    async def registered(self, live_window_ms: int) -> tuple[dict[str, str], int]:
+        """The model description already published under this name, and how many of
+        its workers have a heartbeat within ``live_window_ms``."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hgetall(keys.model_info_key(self.model))
+        pipe.zcount(keys.workers_key(self.model), now_ms() - live_window_ms, "+inf")
+        raw, live = await pipe.execute()
+        info = {k.decode(errors="replace"): v.decode(errors="replace") for k, v in raw.items()}
+        return info, int(live)
+
     async def register(self, info: dict[str, str]) -> None:
         self._info = info
         pipe = self.redis.pipeline(transaction=False)

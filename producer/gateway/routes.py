@@ -407,7 +407,7 @@ def add_routes(
         return json_response(
             {
                 "model_id": view.model_id,
-                "model_sha": None,
+                "model_sha": i.get("revision") or None,
                 "model_dtype": i.get("dtype", "float32"),
                 "served_model_name": view.name,
                 "model_type": model_type,

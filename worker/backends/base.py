@@ -29,6 +29,9 @@ class ModelDescription:
     default_prompt_name: str | None = None
     # True when the backend runs sequences without padding (token budget = sum).
     packed: bool = False
+    # Identity of the weights (model_files.fingerprint): two workers serving one name
+    # must serve the same model.
+    revision: str = ""
 
     @property
     def kinds(self) -> tuple[JobKind, ...]:

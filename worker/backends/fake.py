@@ -93,6 +93,7 @@ class FakeBackend:
             dtype="float32",
             device="cpu",
             prompts={"query": "query: ", "passage": "passage: "},
+            revision=f"fake-{self.dim}",
         )
         self._delay_per_token = config.fake_delay_us_per_token / 1e6
         self._table = np.random.default_rng(0).standard_normal((_TABLE_ROWS, self.dim), dtype=np.float32)

@@ -16,7 +16,7 @@ import torch
 
 from embedq.worker.backends.base import ModelDescription
 from embedq.worker.config import WorkerConfig
-from embedq.worker.model_files import ModelFolderError, Pooling, read_layout
+from embedq.worker.model_files import DenseLayer, ModelFolderError, Pooling, fingerprint, read_layout
 from embedq.worker.tokenization import HFTokenizer
 
 log = logging.getLogger(__name__)
@@ -56,6 +56,26 @@ def _pool(hidden: torch.Tensor, mask: torch.Tensor, lengths: torch.Tensor, pooli
         return hidden[rows, lengths - 1]
     weights = mask.unsqueeze(-1).to(hidden.dtype)
     return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1e-9)
+
+
+def _load_dense(layers: Sequence[DenseLayer], width: int, device: torch.device) -> torch.nn.Module | None:
+    """sentence-transformers Dense modules as one float32 torch module (after pooling)."""
+    from safetensors.torch import load_file
+
+    if not layers:
+        return None
+    stack: list[torch.nn.Module] = []
+    for layer in layers:
+        if layer.in_features != width:
+            raise ModelFolderError(
+                f"{layer.path}: expects {layer.in_features} inputs, the model gives {width}"
+            )
+        linear = torch.nn.Linear(layer.in_features, layer.out_features, bias=layer.bias)
+        state = load_file(str(layer.path / "model.safetensors"))
+        linear.load_state_dict({k.removeprefix("linear."): v.float() for k, v in state.items()})
+        stack += [linear, getattr(torch.nn, layer.activation)()]
+        width = layer.out_features
+    return torch.nn.Sequential(*stack).eval().to(device)
 
 
 class TorchBackend:
@@ -102,12 +122,16 @@ class TorchBackend:
         width = int(getattr(hf_config, "hidden_size", 0) or getattr(hf_config, "dim", 0))
         if layout.task == "splade":  # sparse vectors span the vocabulary
             width = int(hf_config.vocab_size)
+        self.dense = _load_dense(layout.dense, width, self.device)
+        if layout.dense:
+            width = layout.dense[-1].out_features
         # Token type ids matter for BERT-style pair inputs; models without them ignore none.
         self._uses_types = int(getattr(hf_config, "type_vocab_size", 0) or 0) > 1
         self.description = ModelDescription(
             model_id=config.model_id,
             model_type=layout.task,
             id2label=layout.id2label,
+            revision=fingerprint(path),
             dim=width,
             max_input_length=layout.max_input_length,
             pooling=layout.pooling or "none",
@@ -155,6 +179,8 @@ class TorchBackend:
         with torch.inference_mode():
             hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state
             pooled = _pool(hidden, mask, lengths, self.pooling)
+            if self.dense is not None:
+                pooled = self.dense(pooled)
         return pooled.to("cpu").numpy()
 
     def embed_all(self, batch: Sequence[Sequence[int]]) -> list[np.ndarray]:
