@@ -278,3 +278,69 @@ def test_gateway_predict_route(classify_gw: GatewayProcess, classifier_path: Pat
         assert http.post("/predict", json={"inputs": []}).status_code == 400
         assert http.post("/predict", json={"inputs": [["a", "b", "c"]]}).status_code == 422
         assert http.post("/rerank", json={"query": "q", "texts": ["a"]}).status_code == 424
+
+
+# ------------------------------------------------------------------ LLM-style reranker
+LLM_RERANKER = "tiny-llm-reranker"
+INSTRUCTION = "Given a web search query, retrieve relevant passages that answer the query"
+
+
+@pytest.fixture(scope="module")
+def llm_reranker_path(tmp_path_factory: pytest.TempPathFactory, model_path: Path) -> Path:
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    folder = tmp_path_factory.mktemp("llm-reranker")
+    torch.manual_seed(3)
+    config = Qwen3Config(
+        vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+        head_dim=16, intermediate_size=64, max_position_embeddings=256, initializer_range=0.3, pad_token_id=0,
+        architectures=["Qwen3ForCausalLM"],
+    )  # fmt: skip
+    Qwen3ForCausalLM(config).eval().save_pretrained(folder, safe_serialization=True)
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        if (model_path / name).is_file():
+            shutil.copy(model_path / name, folder / name)
+    return folder
+
+
+def _qwen3_reranker_reference(path: Path, query: str, docs: list[str]) -> np.ndarray:
+    """Qwen3-Reranker's published recipe, one pair at a time: P(yes) at the last token."""
+    from transformers import AutoModelForCausalLM
+
+    from embedq.worker.tokenization import LLM_RERANK_PREFIX, LLM_RERANK_SUFFIX
+
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    prefix = tok(LLM_RERANK_PREFIX, add_special_tokens=False)["input_ids"]
+    suffix = tok(LLM_RERANK_SUFFIX, add_special_tokens=False)["input_ids"]
+    yes, no = tok.convert_tokens_to_ids("yes"), tok.convert_tokens_to_ids("no")
+    out = []
+    for doc in docs:
+        text = f"<Instruct>: {INSTRUCTION}\n<Query>: {query}\n<Document>: {doc}"
+        ids = prefix + tok(text, add_special_tokens=False)["input_ids"] + suffix
+        with torch.inference_mode():
+            logits = model(input_ids=torch.tensor([ids])).logits[0, -1, [no, yes]]
+        out.append(torch.softmax(logits.float(), dim=-1)[1].item())
+    return np.array(out, dtype=np.float32)
+
+
+def test_llm_reranker_matches_the_qwen3_recipe(
+    module_redis: RedisServer, llm_reranker_path: Path, tmp_path: Path
+) -> None:
+    expected = _qwen3_reranker_reference(llm_reranker_path, QUERY, TEXTS)
+    worker = start_worker(
+        module_redis.url, tmp_path,
+        "--model-id", str(llm_reranker_path), "--llm-reranker", "--served-model-name", LLM_RERANKER,
+        "--dtype", "float32",
+        model=LLM_RERANKER,
+    )  # fmt: skip
+    try:
+        with Client(module_redis.url, model=LLM_RERANKER) as client:
+            hits = client.rerank(QUERY, TEXTS)
+        assert sorted(h.index for h in hits) == list(range(len(TEXTS)))
+        for h in hits:
+            assert abs(h.score - expected[h.index]) < TOL, (h, expected)
+        assert [h.index for h in hits] == list(np.argsort(-expected, kind="stable"))
+        assert float(np.ptp(expected)) > 0.01, "random weights should spread the scores"
+    finally:
+        worker.stop()

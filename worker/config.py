@@ -61,6 +61,9 @@ class WorkerConfig:
     reply_ttl_s: int = 600
     heartbeat_s: float = 2.0
     shutdown_grace_s: float = 30.0
+    # Serve a causal LM as a yes/no reranker, with this instruction in its prompt.
+    llm_reranker: bool = False
+    reranker_instruction: str = "Given a web search query, retrieve relevant passages that answer the query"
     # A batch running longer is taken as hung: the worker exits and its jobs are reclaimed.
     max_batch_seconds: float = 120.0
     fake_dim: int = 384
@@ -154,6 +157,17 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
     a("--lease-ms", type=int, default=int(_env("embedq_lease_ms", "30000") or 30000))
     a("--max-deliveries", type=int, default=int(_env("embedq_max_deliveries", "3") or 3))
     a(
+        "--llm-reranker",
+        action="store_true",
+        default=_bool(_env("embedq_llm_reranker", "false") or "false"),
+        help="serve a *ForCausalLM model as a reranker: P(yes) at the last token (Qwen3-Reranker style)",
+    )
+    a(
+        "--reranker-instruction",
+        default=_env("embedq_reranker_instruction"),
+        help="the instruction an LLM reranker's prompt carries",
+    )
+    a(
         "--max-batch-seconds",
         type=float,
         default=float(_env("embedq_max_batch_seconds", "120") or 120),
@@ -187,6 +201,8 @@ def config_from_args(ns: argparse.Namespace) -> WorkerConfig:
         lease_ms=ns.lease_ms,
         max_deliveries=ns.max_deliveries,
         max_batch_seconds=ns.max_batch_seconds,
+        llm_reranker=ns.llm_reranker,
+        **({"reranker_instruction": ns.reranker_instruction} if ns.reranker_instruction else {}),
         fake_delay_us_per_token=ns.fake_delay_us_per_token,
     )
     if cfg.lease_ms < 1000:

@@ -37,6 +37,8 @@ class ModelLayout:
     id2label: dict[int, str] = field(default_factory=dict)
     # Dense modules applied after pooling, in order.
     dense: tuple[DenseLayer, ...] = ()
+    # A causal LM scoring relevance by its "yes"/"no" logits (Qwen3-Reranker style).
+    llm_reranker: bool = False
     prompts: dict[str, str] = field(default_factory=dict)
     default_prompt_name: str | None = None
 
@@ -195,15 +197,23 @@ def fingerprint(path: Path) -> str:
     return digest.hexdigest()[:16]
 
 
-def read_layout(path: Path, *, pooling: Pooling | None = None) -> ModelLayout:
-    """Describe the model folder at ``path``; ``pooling`` overrides what the folder says."""
+def read_layout(path: Path, *, pooling: Pooling | None = None, llm_reranker: bool = False) -> ModelLayout:
+    """Describe the model folder at ``path``; ``pooling`` overrides what the folder says;
+    ``llm_reranker`` serves a causal LM as a yes/no reranker (Qwen3-Reranker style)."""
     if not (path / "config.json").is_file():
         raise ModelFolderError(f"{path} has no config.json: not a Hugging Face model folder")
     check_modules(path)
     config = _read_json(path / "config.json")
     model_type = str(config.get("model_type", "unknown"))
     task, id2label = task_of(config)
-    if pooling == "splade" or (pooling is None and _has_module(path, "SpladePooling")):
+    if llm_reranker:
+        archs = [str(a) for a in config.get("architectures") or []]
+        if not any(a.endswith("ForCausalLM") for a in archs):
+            raise ModelFolderError(
+                f"{path}: an LLM reranker needs a *ForCausalLM model, found {archs or 'none'}"
+            )
+        task, id2label, pooling = "reranker", {0: "yes"}, None
+    elif pooling == "splade" or (pooling is None and _has_module(path, "SpladePooling")):
         # SPLADE: max over tokens of log(1 + relu(MLM logits)); needs a masked-LM head.
         archs = [str(a) for a in config.get("architectures") or []]
         if not any(a.endswith("ForMaskedLM") for a in archs):
@@ -249,6 +259,7 @@ def read_layout(path: Path, *, pooling: Pooling | None = None) -> ModelLayout:
         pooling=pooling if task in ("embedding", "splade") else None,
         id2label=id2label,
         dense=dense_layers(path) if task == "embedding" else (),
+        llm_reranker=llm_reranker,
         max_input_length=max_input_length,
         prompts=prompts,
         default_prompt_name=default_prompt_name,

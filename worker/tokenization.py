@@ -232,6 +232,51 @@ class HFTokenizer:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
 
+# Qwen3-Reranker's prompt: the model answers "yes" or "no" after the assistant tag.
+LLM_RERANK_PREFIX = (
+    "<|im_start|>system\nJudge whether the Document meets the requirements based on the Query and "
+    'the Instruct provided. Note that the answer can only be "yes" or "no".<|im_end|>\n<|im_start|>user\n'
+)
+LLM_RERANK_SUFFIX = "<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
+
+
+class LlmRerankTokenizer(HFTokenizer):
+    """Pairs for a causal-LM reranker: each (query, document) becomes the model's prompt;
+    the content between the fixed prefix and suffix is what truncation cuts."""
+
+    def __init__(self, backend: object, max_input_length: int, instruction: str) -> None:
+        super().__init__(backend, max_input_length)
+        self.instruction = instruction
+        self._prefix = list(self._tok.encode(LLM_RERANK_PREFIX, add_special_tokens=False).ids)
+        self._suffix = list(self._tok.encode(LLM_RERANK_SUFFIX, add_special_tokens=False).ids)
+
+    def token_id(self, token: str) -> int:
+        tid = self._tok.token_to_id(token)
+        if tid is None:
+            raise TokenizerError(f"the tokenizer has no {token!r} token, which an LLM reranker needs")
+        return int(tid)
+
+    def encode_pairs(self, pairs: Sequence[tuple[str, str]], options: EncodeOptions) -> list[Encoded]:
+        texts = [f"<Instruct>: {self.instruction}\n<Query>: {q}\n<Document>: {d}" for q, d in pairs]
+        try:
+            encodings = self._tok.encode_batch(texts, add_special_tokens=False)
+        except Exception as exc:
+            raise TokenizerError(f"tokenizer failed: {exc}") from exc
+        room = self.max_input_length - len(self._prefix) - len(self._suffix)
+        out: list[Encoded] = []
+        for enc in encodings:
+            content = list(enc.ids)
+            if len(content) > room:
+                if not options.truncate:
+                    raise too_long(
+                        len(content) + len(self._prefix) + len(self._suffix), self.max_input_length
+                    )
+                content = content[:room] if options.direction == "right" else content[-room:]
+            ids = [*self._prefix, *content, *self._suffix]
+            out.append((ids, [0] * len(ids)))
+        return out
+
+
 def char_to_byte_offsets(text: str) -> list[int]:
     """byte_at[i] = UTF-8 byte offset of character i (and of the end, at len(text))."""
     out = [0] * (len(text) + 1)

@@ -17,7 +17,7 @@ import torch
 from embedq.worker.backends.base import ModelDescription
 from embedq.worker.config import WorkerConfig
 from embedq.worker.model_files import DenseLayer, ModelFolderError, Pooling, fingerprint, read_layout
-from embedq.worker.tokenization import HFTokenizer
+from embedq.worker.tokenization import HFTokenizer, LlmRerankTokenizer
 
 log = logging.getLogger(__name__)
 
@@ -83,13 +83,14 @@ class TorchBackend:
         from transformers import (
             AutoConfig,
             AutoModel,
+            AutoModelForCausalLM,
             AutoModelForMaskedLM,
             AutoModelForSequenceClassification,
             AutoTokenizer,
         )
 
         path = Path(config.model_path)
-        layout = read_layout(path, pooling=config.pooling)
+        layout = read_layout(path, pooling=config.pooling, llm_reranker=config.llm_reranker)
         if config.threads:
             torch.set_num_threads(config.threads)
         self.device = torch.device(config.device)
@@ -102,6 +103,8 @@ class TorchBackend:
         auto = {"embedding": AutoModel, "splade": AutoModelForMaskedLM}.get(
             layout.task, AutoModelForSequenceClassification
         )
+        if layout.llm_reranker:
+            auto = AutoModelForCausalLM
         try:
             self.model = auto.from_pretrained(
                 path, dtype=dtype, attn_implementation="sdpa", use_safetensors=True
@@ -118,6 +121,12 @@ class TorchBackend:
         if backend_tok is None:
             raise ModelFolderError(f"{path} has no fast tokenizer (tokenizer.json)")
         self.tokenizer = HFTokenizer(backend_tok, layout.max_input_length)
+        # An LLM reranker scores the "yes" logit against the "no" logit at the last token.
+        self._yes_no: tuple[int, int] | None = None
+        if layout.llm_reranker:
+            llm_tok = LlmRerankTokenizer(backend_tok, layout.max_input_length, config.reranker_instruction)
+            self._yes_no = (llm_tok.token_id("yes"), llm_tok.token_id("no"))
+            self.tokenizer = llm_tok
         self.pooling = layout.pooling
         width = int(getattr(hf_config, "hidden_size", 0) or getattr(hf_config, "dim", 0))
         if layout.task == "splade":  # sparse vectors span the vocabulary
@@ -190,11 +199,27 @@ class TorchBackend:
         return [hidden[row, : len(seq)].numpy() for row, seq in enumerate(batch)]
 
     def predict(self, batch: Sequence[Sequence[int]], type_ids: Sequence[Sequence[int]]) -> np.ndarray:
+        if self._yes_no is not None:
+            return self._yes_no_logit(batch)
         ids, mask, _lengths, types = self._collate(batch, type_ids)
         extra = {"token_type_ids": types} if self._uses_types else {}
         with torch.inference_mode():
             logits = self.model(input_ids=ids, attention_mask=mask, **extra).logits
         return logits.float().to("cpu").numpy()
+
+    def _yes_no_logit(self, batch: Sequence[Sequence[int]]) -> np.ndarray:
+        """logit(yes) − logit(no) at each sequence's last token: its sigmoid is the
+        softmax probability of "yes" over the two answers."""
+        assert self._yes_no is not None
+        ids, mask, lengths = self._collate(batch)
+        base = getattr(self.model, self.model.base_model_prefix)
+        with torch.inference_mode():
+            hidden = base(input_ids=ids, attention_mask=mask).last_hidden_state
+            rows = torch.arange(hidden.shape[0], device=hidden.device)
+            last = hidden[rows, lengths - 1]  # right padding: the last real token
+            head = self.model.get_output_embeddings()
+            logits = head(last)[:, list(self._yes_no)].float()
+        return (logits[:, 0] - logits[:, 1]).unsqueeze(1).to("cpu").numpy()
 
     def embed_sparse(self, batch: Sequence[Sequence[int]]) -> list[tuple[np.ndarray, np.ndarray]]:
         ids, mask, _lengths = self._collate(batch)
