@@ -72,6 +72,8 @@ class EmbedSparseParams(TruncationParams):
     prompt_name: str | None = Field(default=None, max_length=200)
     # Keep only the k largest weights of each vector (None: every non-zero weight).
     top_k: int | None = Field(default=None, ge=1)
+    # Drop weights at or below this value (None: keep every non-zero weight).
+    threshold: float | None = Field(default=None, ge=0)
 
 
 class EmbedParams(EmbedAllParams):

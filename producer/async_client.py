@@ -214,11 +214,13 @@ class AsyncClient:
         truncation_direction: Literal["right", "left"] = "right",
         prompt_name: str | None = None,
         top_k: int | None = None,
+        threshold: float | None = None,
         model: str | None = None,
         timeout: float | None = None,
     ) -> list[tuple[np.ndarray, np.ndarray]]:
         """SPLADE vectors of a sparse model: per input, (vocabulary indices, weights),
-        indices ascending; ``top_k`` keeps the k largest weights."""
+        indices ascending; ``threshold`` drops weights at or below it, then ``top_k``
+        keeps the k largest."""
         inputs = _as_inputs(texts)
         if not inputs:
             raise EmptyInputError("Batch is empty")
@@ -228,6 +230,7 @@ class AsyncClient:
             truncation_direction=truncation_direction,
             prompt_name=prompt_name,
             top_k=top_k,
+            threshold=threshold,
         )
         reply = await self.request("embed_sparse", inputs, params, model=model, timeout=timeout)
         return sparse_of(reply)

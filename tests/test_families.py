@@ -145,3 +145,84 @@ def test_family_embeddings_match_sentence_transformers(
     print(f"{family}: max abs diff {diff:.2e}, min cosine {cos.min():.6f}")
     assert cos.min() >= 0.9999, (family, cos)
     assert diff < 1e-4, (family, diff)
+
+
+def test_qwen3_instruction_prompts(module_redis: RedisServer, model_path: Path, tmp_path: Path) -> None:
+    """Qwen3-Embedding style: last-token pooling with an instruction prompt for queries."""
+    folder = _build(tmp_path / "qwen3", model_path, "qwen3")
+    prompts = {
+        "query": "Instruct: Given a question, retrieve passages that answer it\nQuery: ",
+        "document": "",
+    }
+    (folder / "config_sentence_transformers.json").write_text(json.dumps({"prompts": prompts}))
+    reference = SentenceTransformer(str(folder), device="cpu")
+    queries = ["what is a consumer group?", "how long is a lease"]
+    expected = np.stack([reference.encode([q], prompt_name="query")[0] for q in queries])
+    plain = np.stack([reference.encode([q])[0] for q in queries])
+
+    args = ("--model-id", str(folder), "--served-model-name", "tiny-qwen3-prompts", "--dtype", "float32")
+    worker = start_worker(module_redis.url, tmp_path, *args, model="tiny-qwen3-prompts")
+    try:
+        with Client(module_redis.url, model="tiny-qwen3-prompts") as client:
+            got = client.embed(queries, prompt_name="query", normalize=False)
+    finally:
+        worker.stop()
+    assert float(np.abs(got - expected).max()) < 1e-4
+    assert float(np.abs(got - plain).max()) > 1e-3  # the prompt changed the vectors
+
+
+CROSS_ENCODERS = {
+    "roberta": ("RobertaConfig", {**SMALL, "max_position_embeddings": 130, "pad_token_id": 1}),
+    "xlm-roberta": ("XLMRobertaConfig", {**SMALL, "max_position_embeddings": 130, "pad_token_id": 1}),
+    "distilbert": (
+        "DistilBertConfig",
+        {"dim": 32, "n_layers": 2, "n_heads": 2, "hidden_dim": 64, "max_position_embeddings": 128},
+    ),
+    "mpnet": ("MPNetConfig", {**SMALL, "max_position_embeddings": 130, "pad_token_id": 1}),
+    "modernbert": FAMILIES["modernbert"][:2],
+}
+
+
+@pytest.mark.parametrize("family", sorted(CROSS_ENCODERS))
+def test_family_cross_encoders_match_transformers(
+    family: str, module_redis: RedisServer, model_path: Path, tmp_path: Path
+) -> None:
+    config_name, fields = CROSS_ENCODERS[family]
+    torch.manual_seed(1)
+    config = getattr(transformers, config_name)(
+        vocab_size=30522, initializer_range=0.3, num_labels=1, **fields
+    )
+    folder = tmp_path / family
+    model = transformers.AutoModelForSequenceClassification.from_config(config).eval()
+    model.save_pretrained(folder, safe_serialization=True)
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        if (model_path / name).is_file():
+            shutil.copy(model_path / name, folder / name)
+
+    query, docs = TEXTS[0], TEXTS[1:]
+    tok = transformers.AutoTokenizer.from_pretrained(folder)
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(folder).eval()
+    uses_types = int(getattr(model.config, "type_vocab_size", 0) or 0) > 1
+    expected = []
+    for doc in docs:
+        enc = tok(query, doc, return_tensors="pt")
+        if not uses_types:
+            enc.pop("token_type_ids", None)
+        with torch.inference_mode():
+            expected.append(model(**enc).logits[0, 0].item())
+
+    name = f"tiny-{family}-reranker"
+    args = ("--model-id", str(folder), "--served-model-name", name, "--dtype", "float32")
+    worker = start_worker(module_redis.url, tmp_path, *args, model=name)
+    try:
+        with Client(module_redis.url, model=name) as client:
+            hits = client.rerank(query, docs, raw_scores=True)
+    finally:
+        worker.stop()
+    got = np.zeros(len(docs), dtype=np.float32)
+    for h in hits:
+        got[h.index] = h.score
+    diff = float(np.abs(got - np.array(expected)).max())
+    print(f"{family} cross-encoder: max abs diff {diff:.2e}")
+    assert diff < 1e-4, (family, got, expected)
+    assert float(np.ptp(expected)) > 1e-3

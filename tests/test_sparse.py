@@ -94,12 +94,15 @@ def test_sdk_embed_sparse_matches_the_formula(module_redis: RedisServer, worker:
     with Client(module_redis.url, model=SPLADE) as client:
         got = client.embed_sparse(TEXTS)
         top = client.embed_sparse(TEXTS[0], top_k=5)
+        cut = client.embed_sparse(TEXTS[0], threshold=0.5)
     assert len(got) == len(TEXTS)
     for (indices, values), ref in zip(got, expected, strict=True):
         assert indices.dtype == np.int32 and values.dtype == np.float32
         assert np.all(np.diff(indices) > 0) and np.all(values > 0)
         np.testing.assert_allclose(_dense(indices, values), ref, atol=1e-4)
         assert len(indices) > 100  # random MLM heads light up much of the vocabulary
+    (cut_idx, cut_val) = cut[0]
+    assert len(cut_idx) == int((expected[0] > 0.5).sum()) > 0 and cut_val.min() > 0.5
     (idx, val) = top[0]
     assert len(idx) == 5
     np.testing.assert_allclose(np.sort(val)[::-1], np.sort(expected[0])[::-1][:5], atol=1e-4)
@@ -118,6 +121,9 @@ def test_gateway_embed_sparse(gateway: GatewayProcess, splade_path: Path) -> Non
         assert int(resp.headers["x-compute-tokens"]) > 0
         top = http.post("/embed_sparse", json={"inputs": TEXTS[0], "top_k": 3}).json()
         assert len(top) == 1 and len(top[0]) == 3
+        both = http.post("/embed_sparse", json={"inputs": TEXTS[0], "top_k": 2, "threshold": 0.1}).json()
+        assert len(both[0]) == 2 and min(x["value"] for x in both[0]) > 0.1
+        assert http.post("/embed_sparse", json={"inputs": "x", "threshold": -1}).status_code == 422
         assert http.post("/", json={"inputs": TEXTS[0]}).json()[0][0].keys() == {"index", "value"}
         assert http.get("/info").json()["model_type"] == {"embedding": {"pooling": "splade"}}
         dense_route = http.post("/embed", json={"inputs": "x"})

@@ -107,6 +107,9 @@ class ActiveJob:
             for row in self.sparse_rows:
                 assert row is not None
                 indices, values = row
+                if self.params.threshold is not None:
+                    above = values > self.params.threshold
+                    indices, values = indices[above], values[above]
                 if top_k is not None and len(values) > top_k:
                     keep = np.sort(np.argsort(-values, kind="stable")[:top_k])
                     indices, values = indices[keep], values[keep]

@@ -198,6 +198,7 @@ def add_routes(
             truncation_direction=req.truncation_direction,  # type: ignore[arg-type]
             prompt_name=req.prompt_name,
             top_k=req.top_k,
+            threshold=req.threshold,
         ).model_dump(exclude_defaults=True)
         outcome = await dispatcher.run("embed_sparse", inputs, params)
         body = [

@@ -88,6 +88,7 @@ class EmbedSparseRequest(_Truncation):
     inputs: InputsField
     prompt_name: str | None = None
     top_k: int | None = Field(default=None, ge=1, description="embedq: keep the k largest weights")
+    threshold: float | None = Field(default=None, ge=0, description="embedq: drop weights at or below it")
 
 
 class PredictRequest(_Truncation):
