@@ -183,46 +183,87 @@ CROSS_ENCODERS = {
 }
 
 
-@pytest.mark.parametrize("family", sorted(CROSS_ENCODERS))
-def test_family_cross_encoders_match_transformers(
-    family: str, module_redis: RedisServer, model_path: Path, tmp_path: Path
-) -> None:
+def _save_head(folder: Path, bundled: Path, family: str, auto: str, **extra: Any) -> Any:
+    """A tiny model of ``family`` with a task head (transformers Auto class ``auto``)."""
     config_name, fields = CROSS_ENCODERS[family]
     torch.manual_seed(1)
-    config = getattr(transformers, config_name)(
-        vocab_size=30522, initializer_range=0.3, num_labels=1, **fields
-    )
-    folder = tmp_path / family
-    model = transformers.AutoModelForSequenceClassification.from_config(config).eval()
-    model.save_pretrained(folder, safe_serialization=True)
+    config = getattr(transformers, config_name)(vocab_size=30522, initializer_range=0.3, **fields, **extra)
+    getattr(transformers, auto).from_config(config).eval().save_pretrained(folder, safe_serialization=True)
     for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
-        if (model_path / name).is_file():
-            shutil.copy(model_path / name, folder / name)
+        if (bundled / name).is_file():
+            shutil.copy(bundled / name, folder / name)
+    return getattr(transformers, auto).from_pretrained(folder).eval()
 
+
+def _encode(tok: Any, model: Any, *texts: str) -> dict[str, torch.Tensor]:
+    enc = dict(tok(*texts, return_tensors="pt"))
+    if int(getattr(model.config, "type_vocab_size", 0) or 0) <= 1:
+        enc.pop("token_type_ids", None)  # models without token types (embedq does not send them)
+    return enc
+
+
+def _serve(module_redis: RedisServer, tmp_path: Path, folder: Path, name: str, *extra: str) -> Any:
+    args = ("--model-id", str(folder), "--served-model-name", name, "--dtype", "float32", *extra)
+    return start_worker(module_redis.url, tmp_path, *args, model=name)
+
+
+@pytest.mark.parametrize("family", sorted(CROSS_ENCODERS))
+def test_family_heads_match_transformers(
+    family: str, module_redis: RedisServer, model_path: Path, tmp_path: Path
+) -> None:
+    """Per family: a cross-encoder (rerank), a 3-label classifier (predict on pairs) and,
+    where the family has a masked-LM head, SPLADE — each against transformers."""
     query, docs = TEXTS[0], TEXTS[1:]
-    tok = transformers.AutoTokenizer.from_pretrained(folder)
-    model = transformers.AutoModelForSequenceClassification.from_pretrained(folder).eval()
-    uses_types = int(getattr(model.config, "type_vocab_size", 0) or 0) > 1
-    expected = []
-    for doc in docs:
-        enc = tok(query, doc, return_tensors="pt")
-        if not uses_types:
-            enc.pop("token_type_ids", None)
-        with torch.inference_mode():
-            expected.append(model(**enc).logits[0, 0].item())
+    tok = transformers.AutoTokenizer.from_pretrained(model_path)
+    diffs: dict[str, float] = {}
 
-    name = f"tiny-{family}-reranker"
-    args = ("--model-id", str(folder), "--served-model-name", name, "--dtype", "float32")
-    worker = start_worker(module_redis.url, tmp_path, *args, model=name)
+    folder = tmp_path / "rerank"
+    model = _save_head(folder, model_path, family, "AutoModelForSequenceClassification", num_labels=1)
+    with torch.inference_mode():
+        expected = np.array([model(**_encode(tok, model, query, d)).logits[0, 0].item() for d in docs])
+    worker = _serve(module_redis, tmp_path, folder, f"{family}-rerank")
     try:
-        with Client(module_redis.url, model=name) as client:
+        with Client(module_redis.url, model=f"{family}-rerank") as client:
             hits = client.rerank(query, docs, raw_scores=True)
     finally:
         worker.stop()
-    got = np.zeros(len(docs), dtype=np.float32)
+    got = np.zeros(len(docs))
     for h in hits:
         got[h.index] = h.score
-    diff = float(np.abs(got - np.array(expected)).max())
-    print(f"{family} cross-encoder: max abs diff {diff:.2e}")
-    assert diff < 1e-4, (family, got, expected)
+    diffs["rerank"] = float(np.abs(got - expected).max())
     assert float(np.ptp(expected)) > 1e-3
+
+    folder = tmp_path / "classify"
+    labels = {0: "a", 1: "b", 2: "c"}
+    model = _save_head(folder, model_path, family, "AutoModelForSequenceClassification", num_labels=3,
+                       id2label=labels, label2id={v: k for k, v in labels.items()})  # fmt: skip
+    with torch.inference_mode():
+        ref = np.stack([model(**_encode(tok, model, query, d)).logits[0].numpy() for d in docs])
+    worker = _serve(module_redis, tmp_path, folder, f"{family}-classify")
+    try:
+        with Client(module_redis.url, model=f"{family}-classify") as client:
+            rows = client.predict([[query, d] for d in docs], raw_scores=True)
+    finally:
+        worker.stop()
+    got_rows = np.array([[{p.label: p.score for p in row}[labels[i]] for i in range(3)] for row in rows])
+    diffs["predict"] = float(np.abs(got_rows - ref).max())
+
+    folder = tmp_path / "splade"
+    model = _save_head(folder, model_path, family, "AutoModelForMaskedLM")
+    with torch.inference_mode():
+        enc = _encode(tok, model, docs[0])
+        weights = torch.log1p(torch.relu(model(**enc).logits[0]))
+        dense_ref = weights.max(dim=0).values.numpy()
+    worker = _serve(module_redis, tmp_path, folder, f"{family}-splade", "--pooling", "splade")
+    try:
+        with Client(module_redis.url, model=f"{family}-splade") as client:
+            [(indices, values)] = client.embed_sparse(docs[0])
+    finally:
+        worker.stop()
+    dense = np.zeros_like(dense_ref)
+    dense[indices] = values
+    assert len(indices) > 100 and int((dense_ref > 0).sum()) == len(indices)
+    diffs["splade"] = float(np.abs(dense - dense_ref).max())
+
+    print(f"{family}: " + ", ".join(f"{k} max abs diff {v:.2e}" for k, v in diffs.items()))
+    assert all(v < 1e-4 for v in diffs.values()), (family, diffs)
