@@ -1,4 +1,4 @@
-"""The `embedq` command: `up` (all-in-one), `worker`, `gateway` and `status`."""
+"""The `embedq` command: `up` (all-in-one), `worker`, `gateway`, `status` and `dlq`."""
 
 from __future__ import annotations
 
@@ -62,6 +62,43 @@ def _cmd_status(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_dlq(ns: argparse.Namespace) -> int:
+    import json
+
+    import redis
+
+    from embedq import dlq
+
+    client = redis.Redis.from_url(ns.redis_url)
+    try:
+        if ns.action == "list":
+            print(dlq.format_list(dlq.read(client, ns.model, ns.count)))
+        elif ns.action == "show":
+            letters = {d.dlq_id: d for d in dlq.read(client, ns.model, 100_000)}
+            for dlq_id in ns.ids:
+                d = letters.get(dlq_id)
+                if d is None:
+                    raise KeyError(f"{dlq_id} is not in the dead-letter stream of {ns.model!r}")
+                summary = {k: v for k, v in vars(d).items() if k != "original"}
+                summary["job"] = d.job_summary()
+                print(json.dumps(summary, indent=2, default=repr))
+        elif not ns.ids and not ns.all:
+            raise KeyError(f"name the entries to {ns.action}, or pass --all")
+        elif ns.action == "replay":
+            print(f"replayed {dlq.replay(client, ns.model, ns.ids, everything=ns.all)} entries")
+        else:
+            print(f"purged {dlq.purge(client, ns.model, ns.ids, everything=ns.all)} entries")
+    except KeyError as exc:
+        logging.getLogger("embedq").error("%s", exc.args[0])
+        return 2
+    except redis.RedisError as exc:
+        logging.getLogger("embedq").error("Redis: %s", exc)
+        return 1
+    finally:
+        client.close()
+    return 0
+
+
 def _stop_on_signals() -> None:
     """Ctrl-C and SIGTERM both stop `up` cleanly, even when the parent started us with
     SIGINT ignored (as shells do for background jobs)."""
@@ -121,6 +158,16 @@ def build_parser() -> argparse.ArgumentParser:
     st = sub.add_parser("status", help="served models, live workers, backlog, pending and dead letters")
     st.add_argument("--redis-url", default=os.environ.get("EMBEDQ_REDIS_URL", "redis://127.0.0.1:6379/0"))
 
+    dl = sub.add_parser("dlq", help="list, show, replay or purge a model's dead letters")
+    dl.add_argument("action", choices=["list", "show", "replay", "purge"])
+    dl.add_argument("ids", nargs="*", help="dead-letter entry ids (from `list`)")
+    dl.add_argument(
+        "--model", default=os.environ.get("EMBEDQ_MODEL", "sentence-transformers/all-MiniLM-L6-v2")
+    )
+    dl.add_argument("--redis-url", default=os.environ.get("EMBEDQ_REDIS_URL", "redis://127.0.0.1:6379/0"))
+    dl.add_argument("--all", action="store_true", help="replay or purge every entry")
+    dl.add_argument("--count", type=int, default=100, help="entries `list` shows (newest)")
+
     up = sub.add_parser(
         "up",
         help="start Redis (embedded unless --redis-url), a worker and the HTTP gateway; "
@@ -147,4 +194,6 @@ def main(argv: list[str] | None = None) -> int:
         return _cmd_gateway(ns)
     if ns.command == "status":
         return _cmd_status(ns)
+    if ns.command == "dlq":
+        return _cmd_dlq(ns)
     return _cmd_worker(ns)

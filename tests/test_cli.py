@@ -16,6 +16,8 @@ import redis
 
 from embedq import Client
 from embedq.common import keys
+from embedq.common.ids import now_ms
+from embedq.common.wire import Job, Reply, pack_job, unpack_reply
 from embedq.redis_server import RedisServer
 
 from .helpers import MODEL, free_port, start_worker
@@ -135,3 +137,57 @@ def test_status_lists_models_and_queues(redis_server: RedisServer, tmp_path: Pat
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert dead.returncode == 1 and "cannot reach Redis" in dead.stderr
+
+
+def test_dlq_list_show_replay_purge(redis_server: RedisServer, tmp_path: Path) -> None:
+    stream = keys.jobs_stream(MODEL)
+    r = redis.Redis.from_url(redis_server.url)
+    r.xgroup_create(stream, keys.WORKER_GROUP, id="0", mkstream=True)
+    job = Job(id="dlq-job-1", kind="embed", model=MODEL, inputs=["replay me"],
+              reply_to="embedq:reply:dlq-test", created_ms=now_ms())  # fmt: skip
+    r.xadd(stream, {keys.JOB_FIELD: pack_job(job)})
+    r.xreadgroup(keys.WORKER_GROUP, "ghost", {stream: ">"}, count=1)  # taken by a worker that died
+    r.xadd(stream, {keys.JOB_FIELD: b"\xc1 not msgpack"})
+    worker = start_worker(redis_server.url, tmp_path, "--backend", "fake", "--max-deliveries", "1",
+                          "--lease-ms", "1000")  # fmt: skip
+
+    def dlq(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "embedq", "dlq", *args, "--model", MODEL, "--redis-url", redis_server.url],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+
+    deadline = time.monotonic() + 30
+    while r.xlen(keys.dead_letter_stream(MODEL)) < 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    listing = dlq("list")
+    assert listing.returncode == 0, listing.stderr
+    rows = listing.stdout.splitlines()[1:]
+    assert len(rows) == 2
+    reasons = "\n".join(rows)
+    assert (
+        "gave up after 1 deliveries" in reasons and "undecodable" in reasons.lower() or "msgpack" in reasons
+    )
+    job_row = next(row for row in rows if "gave up" in row)
+    dlq_id = job_row.split()[0]
+    shown = dlq("show", dlq_id)
+    assert shown.returncode == 0 and '"id": "dlq-job-1"' in shown.stdout and "replay me" in shown.stdout
+
+    # The caller already got a typed error; a replay computes the job and answers again.
+    assert dlq("replay").returncode == 2  # nothing named
+    replayed = dlq("replay", dlq_id)
+    assert replayed.returncode == 0 and "replayed 1" in replayed.stdout
+    deadline = time.monotonic() + 30
+    answers: list[Reply] = []
+    while time.monotonic() < deadline and not any(a.ok for a in answers):
+        answers = [unpack_reply(f[keys.REPLY_FIELD]) for _, f in r.xrange("embedq:reply:dlq-test")]
+        time.sleep(0.1)
+    assert [a.ok for a in answers] == [False, True] and all(a.id == "dlq-job-1" for a in answers)
+    assert answers[0].error is not None and "deliveries" in answers[0].error.message
+
+    assert dlq("replay", "0-1").returncode == 2  # unknown id
+    purged = dlq("purge", "--all")
+    assert purged.returncode == 0 and "purged 1" in purged.stdout
+    assert "empty" in dlq("list").stdout
+    worker.stop()
+    r.close()

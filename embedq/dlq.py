@@ -1,0 +1,117 @@
+"""`embedq dlq`: inspect, replay and purge a model's dead-letter stream.
+
+Workers move an entry there (fields ``f:<name>`` hold the original entry) with the
+reason, the delivery count, the consumer and the time. Replaying re-adds the original
+entry to the model's request stream; the job keeps its id, so a caller still waiting
+gets the answer, and one that gave up has it dropped as late.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+
+from embedq.common import keys
+from embedq.common.codec import DecodeLimits, decode
+from embedq.common.errors import ProtocolError
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    dlq_id: str
+    entry_id: str
+    reason: str
+    deliveries: str
+    consumer: str
+    at_ms: int
+    original: dict[bytes, bytes]
+
+    def job_summary(self) -> dict[str, Any]:
+        """The decoded job, inputs shortened; or why it cannot be decoded."""
+        raw = self.original.get(keys.JOB_FIELD)
+        if raw is None:
+            return {"undecodable": "no job field"}
+        try:
+            job = decode(raw, DecodeLimits())
+        except ProtocolError as exc:
+            return {"undecodable": exc.message, "bytes": len(raw)}
+        if not isinstance(job, dict):
+            return {"undecodable": f"a {type(job).__name__}, not a map"}
+        inputs = job.get("inputs")
+        if isinstance(inputs, list):
+            job["inputs"] = [str(x)[:80] for x in inputs[:5]] + (
+                [f"... {len(inputs)} in all"] if len(inputs) > 5 else []
+            )
+        return job
+
+
+def _text(fields: dict[bytes, bytes], name: bytes) -> str:
+    return fields.get(name, b"").decode("utf-8", "replace")
+
+
+def read(client: redis.Redis, model: str, count: int = 100) -> list[DeadLetter]:
+    """The newest ``count`` dead letters, oldest first."""
+    rows = client.xrevrange(keys.dead_letter_stream(model), count=count)
+    out = []
+    for dlq_id, fields in reversed(rows):
+        original = {k[2:]: v for k, v in fields.items() if k.startswith(b"f:")}
+        out.append(
+            DeadLetter(
+                dlq_id=dlq_id.decode(),
+                entry_id=_text(fields, b"entry_id"),
+                reason=_text(fields, b"reason"),
+                deliveries=_text(fields, b"deliveries"),
+                consumer=_text(fields, b"consumer"),
+                at_ms=int(_text(fields, b"at_ms") or 0),
+                original=original,
+            )
+        )
+    return out
+
+
+def format_list(letters: Sequence[DeadLetter]) -> str:
+    if not letters:
+        return "(the dead-letter stream is empty)"
+    lines = [f"{'dlq id':<20} {'when (UTC)':<20} {'deliveries':>10}  reason"]
+    for d in letters:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(d.at_ms / 1000)) if d.at_ms else "?"
+        lines.append(f"{d.dlq_id:<20} {when:<20} {d.deliveries:>10}  {d.reason[:100]}")
+    return "\n".join(lines)
+
+
+def _select(client: redis.Redis, model: str, ids: Sequence[str], everything: bool) -> list[DeadLetter]:
+    letters = read(client, model, count=100_000 if everything else 10_000)
+    if everything:
+        return letters
+    wanted = set(ids)
+    chosen = [d for d in letters if d.dlq_id in wanted]
+    missing = wanted - {d.dlq_id for d in chosen}
+    if missing:
+        raise KeyError(f"not in the dead-letter stream of {model!r}: {', '.join(sorted(missing))}")
+    return chosen
+
+
+def replay(client: redis.Redis, model: str, ids: Sequence[str], *, everything: bool = False) -> int:
+    """Re-queue dead letters (each removed from the DLQ once it is back in the stream)."""
+    stream = keys.jobs_stream(model)
+    if not client.exists(stream):
+        raise KeyError(f"model {model!r} has no request stream: start a worker for it first")
+    done = 0
+    for d in _select(client, model, ids, everything):
+        if keys.JOB_FIELD not in d.original:
+            continue  # nothing a worker could run
+        client.xadd(stream, dict(d.original))
+        client.xdel(keys.dead_letter_stream(model), d.dlq_id)
+        done += 1
+    return done
+
+
+def purge(client: redis.Redis, model: str, ids: Sequence[str], *, everything: bool = False) -> int:
+    if everything:
+        return int(client.xtrim(keys.dead_letter_stream(model), maxlen=0, approximate=False))
+    chosen = _select(client, model, ids, everything=False)
+    return int(client.xdel(keys.dead_letter_stream(model), *[d.dlq_id for d in chosen])) if chosen else 0
