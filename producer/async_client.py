@@ -28,6 +28,7 @@ from embedq.common.errors import (
 from embedq.common.ids import new_client_id, new_request_id, now_ms
 from embedq.common.scores import Prediction, Ranked, predictions, rank
 from embedq.common.settings import DEFAULT_MODEL_NAME, DEFAULT_REDIS_URL, RedisSettings, connect
+from embedq.common.tracing import inject_current
 from embedq.common.wire import (
     EmbedParams,
     EmbedSparseParams,
@@ -145,6 +146,7 @@ class AsyncClient:
                 reply_to=self._reader.stream,
                 created_ms=created,
                 deadline_ms=created + int(timeout * 1000) if timeout > 0 else 0,
+                trace=inject_current(),
             )
         except PydanticValidationError as exc:
             first = exc.errors()[0]

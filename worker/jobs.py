@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -66,6 +67,10 @@ class ActiveJob:
     finished: bool = False
     # Label names of a classification head (rerank / predict replies).
     labels: list[str] | None = None
+    # OpenTelemetry span of this job (continues the caller's trace), when tracing is on.
+    span: Any = None
+    # Wall-clock (ns) tokenization window, for the job's trace.
+    tokenize_window: tuple[int, int] = (0, 0)
 
     @property
     def per_token(self) -> bool:

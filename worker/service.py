@@ -27,7 +27,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from embedq.common import keys
+from embedq.common import keys, tracing
 from embedq.common.aio import cancel_tasks
 from embedq.common.codec import DecodeLimits, decode
 from embedq.common.errors import (
@@ -153,6 +153,8 @@ class Worker:
         self.batches_run = 0
         # monotonic start of the batch in the inference thread (the hang watchdog).
         self._batch_started: float | None = None
+        # An OpenTelemetry tracer when a tracer provider is installed (set in run()).
+        self._tracer: Any = None
         # Padding efficiency = real tokens / computed (padded) tokens.
         self.real_tokens = 0
         self.padded_tokens = 0
@@ -165,6 +167,7 @@ class Worker:
         self._room.set()
 
     async def run(self) -> None:
+        self._tracer = tracing.tracer("embedq.worker")
         await self._check_registration()
         await self.stream.ensure_group()
         await self.stream.register(self._info())
@@ -312,6 +315,8 @@ class Worker:
             return
         loop = asyncio.get_running_loop()
         tokenized = await loop.run_in_executor(self._tok_pool, self._tokenize, ready)
+        for job in ready:
+            tracing.record_span(self._tracer, "embedq.tokenize", job.span, *job.tokenize_window)
         for job, seqs in zip(ready, tokenized, strict=True):
             if job.error is not None or seqs is None:
                 await self._finish(job)
@@ -342,6 +347,8 @@ class Worker:
 
         active = ActiveJob(delivery=d, job=job, params=EmbedParams())
         active.queue_ms = max(0.0, now_ms() - job.created_ms)
+        if self._tracer is not None:
+            active.span = self._start_job_span(active)
         try:
             if job.deadline_ms and now_ms() > job.deadline_ms:
                 raise RequestTimeoutError("the request's deadline passed while it waited in the queue")
@@ -370,6 +377,26 @@ class Worker:
             return None
         return active
 
+    def _start_job_span(self, active: ActiveJob) -> Any:
+        """The job's span, a child of the caller's (from Job.trace), starting when the job
+        was created so the queue wait is part of it."""
+        job = active.job
+        created_ns = job.created_ms * 1_000_000
+        span = self._tracer.start_span(
+            f"embedq.{job.kind}",
+            context=tracing.extract(job.trace),
+            start_time=created_ns,
+            attributes={
+                "embedq.model": job.model,
+                "embedq.request_id": job.id,
+                "embedq.inputs": len(job.inputs),
+                "embedq.worker": self.name,
+                "embedq.deliveries": active.delivery.deliveries,
+            },
+        )
+        tracing.record_span(self._tracer, "embedq.queue", span, created_ns, time.time_ns())
+        return span
+
     async def _reject(self, d: Delivery, raw: bytes | None, error: EmbedqError) -> None:
         """Dead-letter an entry; tell its caller too when it can be identified."""
         log.warning("dead-lettering entry %s: %s", d.entry_id, error.message)
@@ -394,6 +421,7 @@ class Worker:
         tokenizer = self.backend.tokenizer
         for job in jobs:
             start = time.perf_counter()
+            wall_start = time.time_ns()
             params = job.params
             seqs: list[tuple[list[int], list[int] | None]] | None = None
             try:
@@ -427,6 +455,7 @@ class Worker:
                 job.error = BackendError(f"tokenization failed: {exc}")
             out.append(seqs if job.error is None else None)
             job.tokenize_ms = (time.perf_counter() - start) * 1000
+            job.tokenize_window = (wall_start, time.time_ns())
         return out
 
     def _prompt(self, prompt_name: str | None) -> str | None:
@@ -467,10 +496,13 @@ class Worker:
         loop = asyncio.get_running_loop()
         start = time.perf_counter()
         self._batch_started = time.monotonic()
+        wall_start = time.time_ns()
         try:
             failures = await loop.run_in_executor(self._infer_pool, self._infer, seqs)
         finally:
             self._batch_started = None
+        if self._tracer is not None:
+            self._trace_batch(seqs, wall_start, time.time_ns())
         elapsed_ms = (time.perf_counter() - start) * 1000
         real = sum(len(s.ids) for s in seqs)
         padded = max(len(s.ids) for s in seqs) * len(seqs)
@@ -490,6 +522,21 @@ class Worker:
             job.batch_size = max(job.batch_size, len(seqs))
             if job.remaining == 0 or job.error is not None:
                 await self._finish(job)
+
+    def _trace_batch(self, seqs: list[_Seq], start_ns: int, end_ns: int) -> None:
+        """One span per batch, linked to every job it served; an inference span per job."""
+        jobs = {id(s.job): s.job for s in seqs}.values()
+        links = [tracing.link_to(j.span) for j in jobs if j.span is not None]
+        attrs = {
+            "embedq.batch_size": len(seqs),
+            "embedq.tokens": sum(len(s.ids) for s in seqs),
+            "embedq.padded_tokens": max(len(s.ids) for s in seqs) * len(seqs),
+            "embedq.worker": self.name,
+        }
+        batch = self._tracer.start_span("embedq.batch", start_time=start_ns, links=links, attributes=attrs)
+        batch.end(end_time=end_ns)
+        for job in jobs:
+            tracing.record_span(self._tracer, "embedq.inference", job.span, start_ns, end_ns, attrs)
 
     async def _expire(self, seqs: Sequence[_Seq]) -> None:
         """Answer jobs whose deadline passed while they waited: their callers gave up."""
@@ -560,6 +607,11 @@ class Worker:
             await self._deliver(outgoing)
             for j in jobs:
                 self.active.pop(j.delivery.entry_id, None)
+                if j.span is not None:
+                    if j.error is not None:
+                        tracing.mark_error(j.span, j.error.message)
+                    j.span.set_attribute("embedq.tokens", sum(j.token_counts))
+                    j.span.end()
                 self._replies.task_done()
 
     async def _deliver(self, outgoing: list[OutgoingReply]) -> None:

@@ -17,6 +17,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from embedq.common import tracing
 from embedq.common.errors import BackendError, EmbedqError, ValidationError
 from embedq.common.ids import new_client_id
 from embedq.common.settings import connect
@@ -52,13 +53,27 @@ class HotRoutes:
             handler = self.routes.get((scope["method"], scope["path"]))
             if handler is not None:
                 request = Request(scope, receive)
-                try:
-                    response = await handler(request)
-                except Exception as exc:
-                    response = await self.on_error(request, exc)
+                tracer = tracing.tracer("embedq.gateway")
+                if tracer is None:
+                    response = await self._answer(handler, request)
+                else:
+                    # A server span continuing the caller's traceparent; the SDK puts it
+                    # into the job, so the worker's spans join the same trace.
+                    carrier = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+                    name = f"{scope['method']} {scope['path']}"
+                    with tracer.start_as_current_span(
+                        name, context=tracing.extract(carrier), kind=tracing.SERVER
+                    ):
+                        response = await self._answer(handler, request)
                 await response(scope, receive, send)
                 return
         await self.app(scope, receive, send)
+
+    async def _answer(self, handler: Callable[[Request], Awaitable[Response]], request: Request) -> Response:
+        try:
+            return await handler(request)
+        except Exception as exc:
+            return await self.on_error(request, exc)
 
 
 def create_app(config: GatewayConfig) -> ASGIApp:

@@ -8,6 +8,7 @@ from types import FrameType
 
 import uvicorn
 
+from embedq.common import tracing
 from embedq.producer.gateway.app import create_app
 from embedq.producer.gateway.config import GatewayConfig
 
@@ -25,6 +26,7 @@ class _Server(uvicorn.Server):
 
 
 def run_gateway(config: GatewayConfig) -> None:
+    tracing.configure_from_env("embedq-gateway")
     app = create_app(config)
     server = _Server(
         uvicorn.Config(
@@ -40,4 +42,7 @@ def run_gateway(config: GatewayConfig) -> None:
             timeout_graceful_shutdown=30,
         )
     )
-    server.run()
+    try:
+        server.run()
+    finally:
+        tracing.shutdown()
