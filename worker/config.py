@@ -61,6 +61,8 @@ class WorkerConfig:
     reply_ttl_s: int = 600
     heartbeat_s: float = 2.0
     shutdown_grace_s: float = 30.0
+    # Port of the worker's Prometheus endpoint (0: none).
+    metrics_port: int = 0
     # Serve a causal LM as a yes/no reranker, with this instruction in its prompt.
     llm_reranker: bool = False
     reranker_instruction: str = "Given a web search query, retrieve relevant passages that answer the query"
@@ -157,6 +159,12 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
     a("--lease-ms", type=int, default=int(_env("embedq_lease_ms", "30000") or 30000))
     a("--max-deliveries", type=int, default=int(_env("embedq_max_deliveries", "3") or 3))
     a(
+        "--metrics-port",
+        type=int,
+        default=int(_env("embedq_metrics_port", "0") or 0),
+        help="serve this worker's Prometheus metrics on this port (0: off)",
+    )
+    a(
         "--llm-reranker",
         action="store_true",
         default=_bool(_env("embedq_llm_reranker", "false") or "false"),
@@ -202,6 +210,7 @@ def config_from_args(ns: argparse.Namespace) -> WorkerConfig:
         max_deliveries=ns.max_deliveries,
         max_batch_seconds=ns.max_batch_seconds,
         llm_reranker=ns.llm_reranker,
+        metrics_port=ns.metrics_port,
         **({"reranker_instruction": ns.reranker_instruction} if ns.reranker_instruction else {}),
         fake_delay_us_per_token=ns.fake_delay_us_per_token,
     )

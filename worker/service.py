@@ -58,6 +58,7 @@ from embedq.worker.backends.base import Backend
 from embedq.worker.batcher import Batcher, BatchLimits
 from embedq.worker.config import WorkerConfig
 from embedq.worker.jobs import ActiveJob, error_reply
+from embedq.worker.metrics import WorkerMetrics
 from embedq.worker.postprocess import check_dimensions
 from embedq.worker.stream import Delivery, JobStream, OutgoingReply
 from embedq.worker.tokenization import EncodeOptions, encode_inputs, encode_scoring_inputs
@@ -155,6 +156,7 @@ class Worker:
         self._batch_started: float | None = None
         # An OpenTelemetry tracer when a tracer provider is installed (set in run()).
         self._tracer: Any = None
+        self.metrics = WorkerMetrics(config.served_model_name, self.name)
         # Padding efficiency = real tokens / computed (padded) tokens.
         self.real_tokens = 0
         self.padded_tokens = 0
@@ -168,6 +170,9 @@ class Worker:
 
     async def run(self) -> None:
         self._tracer = tracing.tracer("embedq.worker")
+        if self.config.metrics_port:
+            self.metrics.serve(self.config.metrics_port)
+            log.info("worker metrics on :%d/metrics", self.config.metrics_port)
         await self._check_registration()
         await self.stream.ensure_group()
         await self.stream.register(self._info())
@@ -315,6 +320,7 @@ class Worker:
             return
         loop = asyncio.get_running_loop()
         tokenized = await loop.run_in_executor(self._tok_pool, self._tokenize, ready)
+        self.metrics.tokenized(sum(job.tokenize_ms for job in ready) / 1000)
         for job in ready:
             tracing.record_span(self._tracer, "embedq.tokenize", job.span, *job.tokenize_window)
         for job, seqs in zip(ready, tokenized, strict=True):
@@ -333,7 +339,7 @@ class Worker:
         if d.deliveries > self.config.max_deliveries:
             # Checked before decoding: the entry may be what crashes workers.
             reason = f"gave up after {d.deliveries - 1} deliveries (the job may crash or hang workers)"
-            await self._reject(d, raw, BackendError(reason))
+            await self._reject(d, raw, BackendError(reason), "deliveries")
             return None
         try:
             if raw is None:
@@ -342,11 +348,12 @@ class Worker:
             if not keys.is_reply_stream(job.reply_to):
                 raise ProtocolError(f"reply_to {job.reply_to!r} is not a reply stream")
         except ProtocolError as exc:
-            await self._reject(d, raw, exc)
+            await self._reject(d, raw, exc, "undecodable")
             return None
 
         active = ActiveJob(delivery=d, job=job, params=EmbedParams())
         active.queue_ms = max(0.0, now_ms() - job.created_ms)
+        self.metrics.admitted(active.queue_ms / 1000, d.deliveries)
         if self._tracer is not None:
             active.span = self._start_job_span(active)
         try:
@@ -397,9 +404,10 @@ class Worker:
         tracing.record_span(self._tracer, "embedq.queue", span, created_ns, time.time_ns())
         return span
 
-    async def _reject(self, d: Delivery, raw: bytes | None, error: EmbedqError) -> None:
+    async def _reject(self, d: Delivery, raw: bytes | None, error: EmbedqError, reason: str) -> None:
         """Dead-letter an entry; tell its caller too when it can be identified."""
         log.warning("dead-lettering entry %s: %s", d.entry_id, error.message)
+        self.metrics.dead_lettered(reason)
         await self._safe(self.stream.dead_letter(d, error.message))
         try:
             obj = decode(raw, self.limits) if raw is not None else {}
@@ -509,6 +517,7 @@ class Worker:
         self.batches_run += 1
         self.real_tokens += real
         self.padded_tokens += padded
+        self.metrics.batch(len(seqs), real, elapsed_ms / 1000, self.real_tokens / self.padded_tokens)
         log.debug("batch of %d seqs, %d tokens (%d padded) in %.1f ms", len(seqs), real, padded, elapsed_ms)
         for job, error in failures.items():
             if job.error is None:
@@ -607,6 +616,7 @@ class Worker:
             await self._deliver(outgoing)
             for j in jobs:
                 self.active.pop(j.delivery.entry_id, None)
+                self.metrics.answered(j.job.kind, "ok" if j.error is None else j.error.code)
                 if j.span is not None:
                     if j.error is not None:
                         tracing.mark_error(j.span, j.error.message)
@@ -633,6 +643,7 @@ class Worker:
                     reason = f"cannot reply to {reply.reply_to!r}: {exc}"
                     log.warning("dead-lettering entry %s: %s", reply.entry_id, reason)
                     await self._safe(self.stream.dead_letter(job.delivery, reason))
+                    self.metrics.dead_lettered("reply_to")
                 else:  # out of memory, read-only replica, loading...: try again later
                     outgoing.append(reply)
             if outgoing:
@@ -652,7 +663,11 @@ class Worker:
     async def _heartbeat_loop(self) -> None:
         while not self._closing:
             await asyncio.sleep(self.config.heartbeat_s)
-            await self._safe(self.stream.heartbeat(self.name, stale_after_ms=self._stale_ms()))
+            try:
+                await self.stream.heartbeat(self.name, stale_after_ms=self._stale_ms())
+                self.metrics.heartbeat_ok()
+            except RedisError as exc:
+                log.warning("heartbeat failed: %s", exc)
 
     async def _lease_loop(self) -> None:
         """Renew the leases of held jobs while the model makes progress.
@@ -684,6 +699,7 @@ class Worker:
                         claimed = await self.stream.claim_idle(self.config.lease_ms, count=page)
                         if claimed:
                             log.warning("reclaimed %d entries whose lease lapsed", len(claimed))
+                            self.metrics.reclaim(len(claimed))
                             await self._admit_all(claimed)
                         if len(claimed) < page:
                             break

@@ -11,10 +11,7 @@ from collections import defaultdict
 
 from prometheus_client import CollectorRegistry, Gauge, Histogram, generate_latest
 
-# TEI's duration buckets: 1e-5 · 1.5^i seconds, i = 1..35 (15 µs to ~25 min).
-DURATION_BUCKETS = tuple(1e-5 * 1.5**i for i in range(1, 36))
-# Token counts and batch sizes: powers of two.
-POWER_OF_TWO_BUCKETS = tuple(float(2**i) for i in range(0, 21))
+from embedq.common.metric_buckets import DURATION_BUCKETS, POWER_OF_TWO_BUCKETS
 
 # The route families TEI tracks on their own, besides te_request_*.
 FAMILIES = ("request", "embed", "predict")
