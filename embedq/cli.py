@@ -6,16 +6,9 @@ import argparse
 import logging
 import os
 import signal
-import sys
 from pathlib import Path
 
-
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+from embedq.logs import setup_logging
 
 
 def _cmd_worker(ns: argparse.Namespace) -> int:
@@ -143,17 +136,26 @@ def _cmd_up(ns: argparse.Namespace, passthrough: list[str]) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from embedq.worker.config import add_worker_arguments
 
+    json_flag = {"action": "store_true", "dest": "json_output_sub", "help": "logs as JSON lines"}
     parser = argparse.ArgumentParser(prog="embedq", description=__doc__)
     parser.add_argument("--log-level", default=os.environ.get("EMBEDQ_LOG_LEVEL", "info"))
+    parser.add_argument(
+        "--json-output",
+        action="store_true",
+        default=os.environ.get("JSON_OUTPUT", "").lower() in ("1", "true"),
+        help="logs as one JSON object per line (also accepted after the subcommand)",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     worker = sub.add_parser("worker", help="serve one model from a Redis stream")
     add_worker_arguments(worker)
+    worker.add_argument("--json-output", **json_flag)  # type: ignore[arg-type]
 
     from embedq.producer.gateway.config import add_gateway_arguments
 
     gateway = sub.add_parser("gateway", help="serve TEI's and OpenAI's HTTP APIs in front of the queue")
     add_gateway_arguments(gateway)
+    gateway.add_argument("--json-output", **json_flag)  # type: ignore[arg-type]
 
     st = sub.add_parser("status", help="served models, live workers, backlog, pending and dead letters")
     st.add_argument("--redis-url", default=os.environ.get("EMBEDQ_REDIS_URL", "redis://127.0.0.1:6379/0"))
@@ -185,7 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     ns, rest = parser.parse_known_args(argv)
-    _setup_logging(ns.log_level)
+    json_output = bool(ns.json_output or getattr(ns, "json_output_sub", False)) or "--json-output" in rest
+    setup_logging(ns.log_level, json_output=json_output)
     if ns.command == "up":
         return _cmd_up(ns, rest)
     if rest:

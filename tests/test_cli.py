@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import signal
 import socket
@@ -191,3 +192,18 @@ def test_dlq_list_show_replay_purge(redis_server: RedisServer, tmp_path: Path) -
     assert "empty" in dlq("list").stdout
     worker.stop()
     r.close()
+
+
+def test_json_output_logs_one_line_per_batch(redis_server: RedisServer, tmp_path: Path) -> None:
+    worker = start_worker(redis_server.url, tmp_path, "--backend", "fake", "--json-output", "--log-batches")
+    with Client(redis_server.url, model=MODEL, timeout=20) as c:
+        c.embed(["one two three", "four"])
+    worker.stop()
+    records = [json.loads(line) for line in worker.log().splitlines() if line.startswith("{")]
+    assert records and all({"time", "level", "logger", "message"} <= set(r) for r in records)
+    batches = [r for r in records if r["logger"] == "embedq.worker.batches"]
+    assert len(batches) == 1
+    assert batches[0]["batch_size"] == 2 and batches[0]["tokens"] == 5 + 3
+    assert batches[0]["padded_tokens"] == 10 and batches[0]["jobs"] == 1
+    non_json = [line for line in worker.log().splitlines() if line.strip() and not line.startswith("{")]
+    assert not [line for line in non_json if "embedq" in line], non_json[:3]

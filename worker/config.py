@@ -63,6 +63,8 @@ class WorkerConfig:
     shutdown_grace_s: float = 30.0
     # Port of the worker's Prometheus endpoint (0: none).
     metrics_port: int = 0
+    # Log one line per forward pass at info level.
+    log_batches: bool = False
     # Serve a causal LM as a yes/no reranker, with this instruction in its prompt.
     llm_reranker: bool = False
     reranker_instruction: str = "Given a web search query, retrieve relevant passages that answer the query"
@@ -165,6 +167,12 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
         help="serve this worker's Prometheus metrics on this port (0: off)",
     )
     a(
+        "--log-batches",
+        action="store_true",
+        default=_bool(_env("embedq_log_batches", "false") or "false"),
+        help="log one line per forward pass (size, tokens, padding, time) at info level",
+    )
+    a(
         "--llm-reranker",
         action="store_true",
         default=_bool(_env("embedq_llm_reranker", "false") or "false"),
@@ -211,6 +219,7 @@ def config_from_args(ns: argparse.Namespace) -> WorkerConfig:
         max_batch_seconds=ns.max_batch_seconds,
         llm_reranker=ns.llm_reranker,
         metrics_port=ns.metrics_port,
+        log_batches=ns.log_batches,
         **({"reranker_instruction": ns.reranker_instruction} if ns.reranker_instruction else {}),
         fake_delay_us_per_token=ns.fake_delay_us_per_token,
     )

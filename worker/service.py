@@ -64,6 +64,8 @@ from embedq.worker.stream import Delivery, JobStream, OutgoingReply
 from embedq.worker.tokenization import EncodeOptions, encode_inputs, encode_scoring_inputs
 
 log = logging.getLogger(__name__)
+# One line per forward pass with its figures: info with --log-batches, else debug.
+batch_log = logging.getLogger("embedq.worker.batches")
 
 
 class WorkerFault(Exception):
@@ -518,7 +520,22 @@ class Worker:
         self.real_tokens += real
         self.padded_tokens += padded
         self.metrics.batch(len(seqs), real, elapsed_ms / 1000, self.real_tokens / self.padded_tokens)
-        log.debug("batch of %d seqs, %d tokens (%d padded) in %.1f ms", len(seqs), real, padded, elapsed_ms)
+        batch_log.log(
+            logging.INFO if self.config.log_batches else logging.DEBUG,
+            "batch of %d seqs, %d tokens (%d padded) in %.1f ms",
+            len(seqs),
+            real,
+            padded,
+            elapsed_ms,
+            extra={
+                "batch_size": len(seqs),
+                "tokens": real,
+                "padded_tokens": padded,
+                "inference_ms": round(elapsed_ms, 3),
+                "jobs": len({id(s.job) for s in seqs}),
+                "worker": self.name,
+            },
+        )
         for job, error in failures.items():
             if job.error is None:
                 job.error = error
