@@ -193,6 +193,7 @@ def test_embed_parameters(http: httpx.Client, st_model: SentenceTransformer) -> 
         ({"nothing": 1}, 422, "Validation", "missing field `inputs`"),
         ({"inputs": [[1, 2], "text", 3]}, 422, "Validation", "inputs"),
         ({"inputs": [999999]}, 422, "Validation", "outside the vocabulary"),
+        ({"inputs": "x", "prompt_name": "p" * 300}, 422, "Validation", "prompt_name"),
     ],
 )
 def test_embed_errors_have_teis_shape(

@@ -10,6 +10,7 @@ from typing import Any
 
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
+from pydantic import ValidationError as PydanticValidationError
 from pydantic.json_schema import models_json_schema
 from redis.exceptions import RedisError
 from starlette.middleware.cors import CORSMiddleware
@@ -141,6 +142,10 @@ def create_app(config: GatewayConfig) -> ASGIApp:
     async def on_any(request: Request, exc: Exception) -> Response:
         if isinstance(exc, EmbedqError):
             return await on_embedq_error(request, exc)
+        if isinstance(exc, PydanticValidationError):  # job parameters out of range
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first.get("loc", ())) or "parameters"
+            return await on_embedq_error(request, ValidationError(f"invalid `{where}`: {first.get('msg')}"))
         return await on_unexpected(request, exc)
 
     app.add_exception_handler(EmbedqError, on_embedq_error)
