@@ -50,7 +50,7 @@ def tracer(name: str) -> Any:
 
 
 def span_context(span: Any) -> Any:
-    """An Context whose current span is ``span`` (to start children of it)."""
+    """A Context whose current span is ``span`` (to start children of it)."""
     return trace.set_span_in_context(span) if trace is not None and span is not None else None
 
 

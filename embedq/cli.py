@@ -67,11 +67,7 @@ def _cmd_dlq(ns: argparse.Namespace) -> int:
         if ns.action == "list":
             print(dlq.format_list(dlq.read(client, ns.model, ns.count)))
         elif ns.action == "show":
-            letters = {d.dlq_id: d for d in dlq.read(client, ns.model, 100_000)}
-            for dlq_id in ns.ids:
-                d = letters.get(dlq_id)
-                if d is None:
-                    raise KeyError(f"{dlq_id} is not in the dead-letter stream of {ns.model!r}")
+            for d in dlq.read_ids(client, ns.model, ns.ids):
                 summary = {k: v for k, v in vars(d).items() if k != "original"}
                 summary["job"] = d.job_summary()
                 print(json.dumps(summary, indent=2, default=repr))

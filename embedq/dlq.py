@@ -53,24 +53,41 @@ def _text(fields: dict[bytes, bytes], name: bytes) -> str:
     return fields.get(name, b"").decode("utf-8", "replace")
 
 
+def _letter(dlq_id: bytes, fields: dict[bytes, bytes]) -> DeadLetter:
+    return DeadLetter(
+        dlq_id=dlq_id.decode(),
+        entry_id=_text(fields, b"entry_id"),
+        reason=_text(fields, b"reason"),
+        deliveries=_text(fields, b"deliveries"),
+        consumer=_text(fields, b"consumer"),
+        at_ms=int(_text(fields, b"at_ms") or 0),
+        original={k[2:]: v for k, v in fields.items() if k.startswith(b"f:")},
+    )
+
+
 def read(client: redis.Redis, model: str, count: int = 100) -> list[DeadLetter]:
     """The newest ``count`` dead letters, oldest first."""
     rows = client.xrevrange(keys.dead_letter_stream(model), count=count)
-    out = []
-    for dlq_id, fields in reversed(rows):
-        original = {k[2:]: v for k, v in fields.items() if k.startswith(b"f:")}
-        out.append(
-            DeadLetter(
-                dlq_id=dlq_id.decode(),
-                entry_id=_text(fields, b"entry_id"),
-                reason=_text(fields, b"reason"),
-                deliveries=_text(fields, b"deliveries"),
-                consumer=_text(fields, b"consumer"),
-                at_ms=int(_text(fields, b"at_ms") or 0),
-                original=original,
-            )
-        )
-    return out
+    return [_letter(dlq_id, fields) for dlq_id, fields in reversed(rows)]
+
+
+def read_ids(client: redis.Redis, model: str, ids: Sequence[str]) -> list[DeadLetter]:
+    """The named dead letters (one XRANGE each); KeyError names the missing ones."""
+    stream = keys.dead_letter_stream(model)
+    found: list[DeadLetter] = []
+    missing: list[str] = []
+    for dlq_id in ids:
+        try:
+            rows = client.xrange(stream, min=dlq_id, max=dlq_id)
+        except redis.ResponseError:  # not a stream id at all
+            rows = []
+        if rows:
+            found.append(_letter(*rows[0]))
+        else:
+            missing.append(dlq_id)
+    if missing:
+        raise KeyError(f"not in the dead-letter stream of {model!r}: {', '.join(missing)}")
+    return found
 
 
 def format_list(letters: Sequence[DeadLetter]) -> str:
@@ -83,25 +100,17 @@ def format_list(letters: Sequence[DeadLetter]) -> str:
     return "\n".join(lines)
 
 
-def _select(client: redis.Redis, model: str, ids: Sequence[str], everything: bool) -> list[DeadLetter]:
-    letters = read(client, model, count=100_000 if everything else 10_000)
-    if everything:
-        return letters
-    wanted = set(ids)
-    chosen = [d for d in letters if d.dlq_id in wanted]
-    missing = wanted - {d.dlq_id for d in chosen}
-    if missing:
-        raise KeyError(f"not in the dead-letter stream of {model!r}: {', '.join(sorted(missing))}")
-    return chosen
-
-
 def replay(client: redis.Redis, model: str, ids: Sequence[str], *, everything: bool = False) -> int:
     """Re-queue dead letters (each removed from the DLQ once it is back in the stream)."""
     stream = keys.jobs_stream(model)
     if not client.exists(stream):
         raise KeyError(f"model {model!r} has no request stream: start a worker for it first")
     done = 0
-    for d in _select(client, model, ids, everything):
+    if everything:
+        letters = read(client, model, count=client.xlen(keys.dead_letter_stream(model)))
+    else:
+        letters = read_ids(client, model, ids)
+    for d in letters:
         if keys.JOB_FIELD not in d.original:
             continue  # nothing a worker could run
         client.xadd(stream, dict(d.original))
@@ -113,5 +122,5 @@ def replay(client: redis.Redis, model: str, ids: Sequence[str], *, everything: b
 def purge(client: redis.Redis, model: str, ids: Sequence[str], *, everything: bool = False) -> int:
     if everything:
         return int(client.xtrim(keys.dead_letter_stream(model), maxlen=0, approximate=False))
-    chosen = _select(client, model, ids, everything=False)
+    chosen = read_ids(client, model, ids)
     return int(client.xdel(keys.dead_letter_stream(model), *[d.dlq_id for d in chosen])) if chosen else 0

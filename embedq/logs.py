@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import time
 from typing import Any
 
 # Attributes every LogRecord has; anything else came from `extra=` and is data.
@@ -31,7 +32,7 @@ def setup_logging(level: str, *, json_output: bool = False) -> None:
     handler = logging.StreamHandler(sys.stderr)
     if json_output:
         formatter: logging.Formatter = JsonFormatter()
-        formatter.converter = __import__("time").gmtime
+        formatter.converter = time.gmtime
     else:
         formatter = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
     handler.setFormatter(formatter)

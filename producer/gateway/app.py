@@ -48,13 +48,15 @@ class HotRoutes:
         self.app = app
         self.routes = routes
         self.on_error = on_error
+        # Resolved once: the tracer provider is installed before the app is built.
+        self.tracer = tracing.tracer("embedq.gateway")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
             handler = self.routes.get((scope["method"], scope["path"]))
             if handler is not None:
                 request = Request(scope, receive)
-                tracer = tracing.tracer("embedq.gateway")
+                tracer = self.tracer
                 if tracer is None:
                     response = await self._answer(handler, request)
                 else:

@@ -22,7 +22,7 @@ from embedq.common.errors import (
     QueueUnavailableError,
     ValidationError,
 )
-from embedq.common.wire import EmbedResult, Input, JobKind, Reply
+from embedq.common.wire import Input, JobKind, Reply
 from embedq.producer.async_client import AsyncClient, embeddings_of, raise_for_error, scores_of, sparse_of
 from embedq.producer.gateway.config import GatewayConfig
 from embedq.producer.gateway.directory import ModelDirectory, ModelView
@@ -40,7 +40,8 @@ class Outcome:
 
     view: ModelView
     replies: list[Reply]
-    n_inputs: int
+    # Inputs of each job (the split of the request), in order.
+    sizes: list[int]
 
     def vectors(self) -> np.ndarray:
         arrays = [embeddings_of(r) for r in self.replies]
@@ -56,14 +57,19 @@ class Outcome:
         return [vec for r in self.replies for vec in sparse_of(r)]
 
     def token_counts(self) -> list[int]:
-        return [n for r in self.replies for n in _result(r).token_counts]
+        """Tokens per input, for the kinds whose results carry them (embed, embed_all, scores)."""
+        counts: list[int] = []
+        for r in self.replies:
+            result = r.embed or r.scores
+            if result is not None:
+                counts += result.token_counts
+        return counts
 
     def mean_ms(self, field: str) -> float:
         """A timing averaged over the request's inputs (each job's figure covers its inputs)."""
         total = weight = 0.0
-        for r in self.replies:
+        for r, n in zip(self.replies, self.sizes, strict=True):
             if r.meta is not None:
-                n = len(r.sparse) if r.sparse is not None else (len(_result(r).token_counts) or 1)
                 total += getattr(r.meta, field) * n
                 weight += n
         return total / weight if weight else 0.0
@@ -133,7 +139,7 @@ class Dispatcher:
             replies = await self._gather(kind, view.name, chunks, params)
         finally:
             self.in_flight -= len(inputs)
-        return Outcome(view=view, replies=replies, n_inputs=len(inputs))
+        return Outcome(view=view, replies=replies, sizes=[len(c) for c in chunks])
 
     async def _gather(
         self, kind: JobKind, model: str, chunks: list[list[Input]], params: dict[str, Any]
@@ -156,13 +162,6 @@ class Dispatcher:
                 t.cancel()
         # The first failing chunk, in input order, decides the error.
         return [raise_for_error(r) for r in replies]
-
-
-def _result(reply: Reply) -> EmbedResult:
-    return reply.embed or reply.scores or _NO_RESULT
-
-
-_NO_RESULT = EmbedResult(dtype="float32", shape=(0, 0), data=b"", token_counts=[])
 
 
 def _article(model_type: str) -> str:
