@@ -7,6 +7,12 @@ shard and can be used together in a script. Reply streams hash freely.
 from __future__ import annotations
 
 import re
+from typing import Literal
+
+# Two lanes per model: workers fill batches from the interactive lane first, so a query
+# is never stuck behind a bulk backfill.
+Lane = Literal["interactive", "bulk"]
+LANES: tuple[Lane, ...] = ("interactive", "bulk")
 
 PREFIX = "embedq"
 # The consumer group every worker of a model reads with.
@@ -33,9 +39,18 @@ def check_client_id(client_id: str) -> str:
     return client_id
 
 
-def jobs_stream(model: str) -> str:
-    """The request stream of one served model."""
-    return f"{PREFIX}:{{{check_model_name(model)}}}:jobs"
+def jobs_stream(model: str, lane: Lane = "interactive") -> str:
+    """A request stream of one served model: its interactive lane (``:jobs``) or its
+    bulk lane (``:bulk``)."""
+    suffix = "jobs" if lane == "interactive" else "bulk"
+    if lane not in LANES:
+        raise ValueError(f"unknown lane {lane!r}: use one of {', '.join(LANES)}")
+    return f"{PREFIX}:{{{check_model_name(model)}}}:{suffix}"
+
+
+def lane_of(stream: str) -> Lane:
+    """The lane of a request stream named by jobs_stream()."""
+    return "bulk" if stream.endswith(":bulk") else "interactive"
 
 
 def dead_letter_stream(model: str) -> str:
@@ -51,6 +66,17 @@ def workers_key(model: str) -> str:
 def model_info_key(model: str) -> str:
     """Hash describing the served model (dimension, limits, pooling, dtype...)."""
     return f"{PREFIX}:{{{check_model_name(model)}}}:info"
+
+
+def stats_key(model: str) -> str:
+    """Hash of running counters: jobs and inputs answered, cache hits and misses, and
+    the workers' mean tokens per job (for the queued-tokens estimate)."""
+    return f"{PREFIX}:{{{check_model_name(model)}}}:stats"
+
+
+def cache_key(model: str, digest: str) -> str:
+    """One cached embedding. No hash tag: cache entries spread over a cluster's shards."""
+    return f"{PREFIX}:cache:{check_model_name(model)}:{digest}"
 
 
 def reply_stream(client_id: str) -> str:

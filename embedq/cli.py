@@ -1,4 +1,5 @@
-"""The `embedq` command: `up` (all-in-one), `worker`, `gateway`, `status` and `dlq`."""
+"""The `embedq` command: `up` (all-in-one), `worker`, `gateway`, `status`, `dlq`,
+`exporter` and `embed-file`."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import os
 import signal
 from pathlib import Path
 
+from embedq.common.settings import DEFAULT_REDIS_URL
+from embedq.ingest import add_embed_file_arguments
 from embedq.logs import setup_logging
 
 
@@ -48,10 +51,33 @@ def _cmd_status(ns: argparse.Namespace) -> int:
     from embedq.status import status
 
     try:
-        print(status(ns.redis_url))
+        print(status(ns.redis_url, ns.interval))
     except (ConnectionError, OSError) as exc:
         logging.getLogger("embedq").error("%s", exc)
         return 1
+    return 0
+
+
+def _cmd_exporter(ns: argparse.Namespace) -> int:
+    import asyncio
+
+    from embedq.exporter import serve
+
+    asyncio.run(serve(ns.redis_url, port=ns.port, host=ns.hostname, refresh_s=ns.refresh_s))
+    return 0
+
+
+def _cmd_embed_file(ns: argparse.Namespace) -> int:
+    from embedq.ingest import IngestError, embed_file_from_args
+
+    try:
+        embed_file_from_args(ns)
+    except IngestError as exc:
+        logging.getLogger("embedq").error("%s", exc)
+        return 2
+    except KeyboardInterrupt:
+        logging.getLogger("embedq").warning("interrupted: run the same command again to resume")
+        return 130
     return 0
 
 
@@ -61,8 +87,9 @@ def _cmd_dlq(ns: argparse.Namespace) -> int:
     import redis
 
     from embedq import dlq
+    from embedq.common.settings import RedisSettings, connect_sync
 
-    client = redis.Redis.from_url(ns.redis_url)
+    client = connect_sync(RedisSettings.from_env(ns.redis_url), name="embedq-dlq")
     try:
         if ns.action == "list":
             print(dlq.format_list(dlq.read(client, ns.model, ns.count)))
@@ -153,8 +180,26 @@ def build_parser() -> argparse.ArgumentParser:
     add_gateway_arguments(gateway)
     gateway.add_argument("--json-output", **json_flag)  # type: ignore[arg-type]
 
-    st = sub.add_parser("status", help="served models, live workers, backlog, pending and dead letters")
-    st.add_argument("--redis-url", default=os.environ.get("EMBEDQ_REDIS_URL", "redis://127.0.0.1:6379/0"))
+    redis_url = os.environ.get("EMBEDQ_REDIS_URL", DEFAULT_REDIS_URL)
+    st = sub.add_parser(
+        "status", help="served models, live workers, backlog, pending, dead letters and throughput"
+    )
+    st.add_argument("--redis-url", default=redis_url)
+    st.add_argument(
+        "--interval", type=float, default=1.0, help="seconds between the two reads that give throughput"
+    )
+
+    ex = sub.add_parser("exporter", help="serve every model's queue state as Prometheus metrics")
+    ex.add_argument("--redis-url", default=redis_url)
+    ex.add_argument("--port", type=int, default=int(os.environ.get("EMBEDQ_EXPORTER_PORT", "9400")))
+    ex.add_argument("--hostname", default=os.environ.get("EMBEDQ_EXPORTER_HOSTNAME", "0.0.0.0"))
+    ex.add_argument("--refresh-s", type=float, default=1.0, help="how often Redis is re-read")
+
+    ef = sub.add_parser(
+        "embed-file",
+        help="embed a JSONL/CSV/Parquet file into Parquet or .npy through the bulk lane (resumable)",
+    )
+    add_embed_file_arguments(ef, redis_url)
 
     dl = sub.add_parser("dlq", help="list, show, replay or purge a model's dead letters")
     dl.add_argument("action", choices=["list", "show", "replay", "purge"])
@@ -162,7 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     dl.add_argument(
         "--model", default=os.environ.get("EMBEDQ_MODEL", "sentence-transformers/all-MiniLM-L6-v2")
     )
-    dl.add_argument("--redis-url", default=os.environ.get("EMBEDQ_REDIS_URL", "redis://127.0.0.1:6379/0"))
+    dl.add_argument("--redis-url", default=redis_url)
     dl.add_argument("--all", action="store_true", help="replay or purge every entry")
     dl.add_argument("--count", type=int, default=100, help="entries `list` shows (newest)")
 
@@ -195,4 +240,8 @@ def main(argv: list[str] | None = None) -> int:
         return _cmd_status(ns)
     if ns.command == "dlq":
         return _cmd_dlq(ns)
+    if ns.command == "exporter":
+        return _cmd_exporter(ns)
+    if ns.command == "embed-file":
+        return _cmd_embed_file(ns)
     return _cmd_worker(ns)

@@ -29,6 +29,8 @@ class DeadLetter:
     consumer: str
     at_ms: int
     original: dict[bytes, bytes]
+    # The lane the entry came from; replay puts it back there.
+    lane: keys.Lane = "interactive"
 
     def job_summary(self) -> dict[str, Any]:
         """The decoded job, inputs shortened; or why it cannot be decoded."""
@@ -62,6 +64,7 @@ def _letter(dlq_id: bytes, fields: dict[bytes, bytes]) -> DeadLetter:
         consumer=_text(fields, b"consumer"),
         at_ms=int(_text(fields, b"at_ms") or 0),
         original={k[2:]: v for k, v in fields.items() if k.startswith(b"f:")},
+        lane="bulk" if fields.get(b"lane") == b"bulk" else "interactive",
     )
 
 
@@ -101,9 +104,8 @@ def format_list(letters: Sequence[DeadLetter]) -> str:
 
 
 def replay(client: redis.Redis, model: str, ids: Sequence[str], *, everything: bool = False) -> int:
-    """Re-queue dead letters (each removed from the DLQ once it is back in the stream)."""
-    stream = keys.jobs_stream(model)
-    if not client.exists(stream):
+    """Re-queue dead letters to their lane (each removed from the DLQ once it is back)."""
+    if not client.exists(keys.jobs_stream(model)):
         raise KeyError(f"model {model!r} has no request stream: start a worker for it first")
     done = 0
     if everything:
@@ -113,7 +115,7 @@ def replay(client: redis.Redis, model: str, ids: Sequence[str], *, everything: b
     for d in letters:
         if keys.JOB_FIELD not in d.original:
             continue  # nothing a worker could run
-        client.xadd(stream, dict(d.original))
+        client.xadd(keys.jobs_stream(model, d.lane), dict(d.original))
         client.xdel(keys.dead_letter_stream(model), d.dlq_id)
         done += 1
     return done

@@ -12,10 +12,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import redis
-
 from embedq.common import keys
-from embedq.common.settings import DEFAULT_MODEL_NAME
+from embedq.common.settings import DEFAULT_MODEL_NAME, RedisSettings, connect_sync
 from embedq.redis_server import RedisServer
 
 log = logging.getLogger(__name__)
@@ -87,7 +85,7 @@ class Stack:
 
     def _wait_for_worker(self, started_ms: int) -> None:
         assert self.redis_url is not None and self._worker is not None
-        client = redis.Redis.from_url(self.redis_url)
+        client = connect_sync(RedisSettings.from_env(self.redis_url), name="embedq-up")
         deadline = time.monotonic() + self.start_timeout
         try:
             while time.monotonic() < deadline:

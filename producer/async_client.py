@@ -27,7 +27,13 @@ from embedq.common.errors import (
 )
 from embedq.common.ids import new_client_id, new_request_id, now_ms
 from embedq.common.scores import Prediction, Ranked, predictions, rank
-from embedq.common.settings import DEFAULT_MODEL_NAME, DEFAULT_REDIS_URL, RedisSettings, connect
+from embedq.common.settings import (
+    DEFAULT_MODEL_NAME,
+    DEFAULT_REDIS_URL,
+    RedisSettings,
+    connect,
+    redis_username,
+)
 from embedq.common.tracing import inject_current
 from embedq.common.wire import (
     EmbedParams,
@@ -39,6 +45,7 @@ from embedq.common.wire import (
     RerankParams,
     pack_job,
 )
+from embedq.producer.cache import EmbeddingCache, cacheable
 from embedq.producer.replies import ReplyReader
 from embedq.producer.submitter import Submitter
 
@@ -75,15 +82,20 @@ class AsyncClient:
         max_connections: int = 4,
         client_id: str | None = None,
         redis_settings: RedisSettings | None = None,
+        cache_ttl_s: int = 0,
     ) -> None:
         self.model = keys.check_model_name(model)
         self.timeout = timeout
-        self.client_id = keys.check_client_id(client_id or new_client_id("sdk"))
-        self._settings = redis_settings or RedisSettings(url=redis_url, max_connections=max_connections)
+        self._settings = redis_settings or RedisSettings.from_env(redis_url, max_connections=max_connections)
+        user = redis_username(self._settings.url)
+        self.client_id = keys.check_client_id(client_id or new_client_id("sdk", user=user))
         self._redis = None
         self._reader_redis = None
         self._reader: ReplyReader | None = None
         self._submitter: Submitter | None = None
+        # Cache `embed` results in Redis for this many seconds (0: no cache).
+        self.cache_ttl_s = cache_ttl_s
+        self.cache: EmbeddingCache | None = None
 
     # ---------------------------------------------------------------- lifecycle
     async def start(self) -> None:
@@ -96,6 +108,8 @@ class AsyncClient:
         )
         self._reader = ReplyReader(self._reader_redis, keys.reply_stream(self.client_id))
         self._submitter = Submitter(self._redis)
+        if self.cache_ttl_s:
+            self.cache = EmbeddingCache(self._redis, ttl_s=self.cache_ttl_s)
         self._reader.start()
         self._submitter.start()
 
@@ -129,11 +143,33 @@ class AsyncClient:
         *,
         model: str | None = None,
         timeout: float | None = None,
+        lane: keys.Lane = "interactive",
     ) -> Reply:
-        """Submit one job and wait for its reply (ok or not). Raises on transport errors."""
+        """Submit one job and wait for its reply (ok or not). Raises on transport errors.
+
+        ``lane="bulk"`` queues it behind interactive work (ingestion, backfills). With
+        the cache on, an ``embed`` job sends only the inputs the cache does not hold.
+        """
         await self.start()
-        assert self._reader is not None and self._submitter is not None
         model = keys.check_model_name(model or self.model)
+        if self.cache is not None and cacheable(kind, inputs):
+
+            async def fetch(missing: list[Any]) -> Reply:
+                return await self._request(kind, missing, params, model, timeout, lane)
+
+            return await self.cache.embed(model, inputs, params, fetch)
+        return await self._request(kind, inputs, params, model, timeout, lane)
+
+    async def _request(
+        self,
+        kind: JobKind,
+        inputs: list[Any],
+        params: dict[str, Any],
+        model: str,
+        timeout: float | None,
+        lane: keys.Lane,
+    ) -> Reply:
+        assert self._reader is not None and self._submitter is not None
         timeout = self.timeout if timeout is None else timeout
         created = now_ms()
         try:
@@ -157,13 +193,13 @@ class AsyncClient:
 
         async def round_trip() -> Reply:
             try:
-                queued = await submitter.submit(keys.jobs_stream(model), pack_job(job))
+                queued = await submitter.submit(keys.jobs_stream(model, lane), pack_job(job))
             except RedisError as exc:
                 raise QueueUnavailableError(f"cannot enqueue to Redis: {exc}") from exc
             if not queued:
                 raise ModelNotServedError(
                     f"model {model!r} is not served: no worker has registered its stream "
-                    f"{keys.jobs_stream(model)!r} on this Redis"
+                    f"{keys.jobs_stream(model, lane)!r} on this Redis"
                 )
             return await waiter
 
@@ -189,10 +225,12 @@ class AsyncClient:
         dimensions: int | None = None,
         model: str | None = None,
         timeout: float | None = None,
+        lane: keys.Lane = "interactive",
     ) -> np.ndarray:
         """Embeddings of ``texts`` as a float32 array of shape (n, d), in input order.
 
-        A single string gives a (1, d) array, as TEI's /embed does.
+        A single string gives a (1, d) array, as TEI's /embed does. ``lane="bulk"``
+        yields to interactive requests at the workers (see ``embed_many``).
         """
         inputs = _as_inputs(texts)
         if not inputs:
@@ -205,7 +243,7 @@ class AsyncClient:
             prompt_name=prompt_name,
             dimensions=dimensions,
         )
-        reply = await self.request("embed", inputs, params, model=model, timeout=timeout)
+        reply = await self.request("embed", inputs, params, model=model, timeout=timeout, lane=lane)
         return embeddings_of(reply)
 
     async def embed_sparse(
@@ -219,6 +257,7 @@ class AsyncClient:
         threshold: float | None = None,
         model: str | None = None,
         timeout: float | None = None,
+        lane: keys.Lane = "interactive",
     ) -> list[tuple[np.ndarray, np.ndarray]]:
         """SPLADE vectors of a sparse model: per input, (vocabulary indices, weights),
         indices ascending; ``threshold`` drops weights at or below it, then ``top_k``
@@ -234,7 +273,7 @@ class AsyncClient:
             top_k=top_k,
             threshold=threshold,
         )
-        reply = await self.request("embed_sparse", inputs, params, model=model, timeout=timeout)
+        reply = await self.request("embed_sparse", inputs, params, model=model, timeout=timeout, lane=lane)
         return sparse_of(reply)
 
     async def rerank(
@@ -292,20 +331,23 @@ class AsyncClient:
         *,
         chunk_size: int = 64,
         max_in_flight: int = 16,
+        lane: keys.Lane = "bulk",
         **params: Any,
     ) -> AsyncIterator[np.ndarray]:
         """Embed a long stream of texts for ingestion.
 
         Texts are sent in chunks of ``chunk_size``; at most ``max_in_flight`` chunks are
         outstanding, so memory stays bounded whatever the input's size. Yields one
-        (len(chunk), d) array per chunk, in input order.
+        (len(chunk), d) array per chunk, in input order. Chunks go to the bulk lane by
+        default: workers serve interactive requests first, so a backfill never delays
+        queries.
         """
         if chunk_size < 1 or max_in_flight < 1:
             raise ValueError("chunk_size and max_in_flight must be positive")
         pending: deque[asyncio.Task[np.ndarray]] = deque()
         try:
             async for chunk in _chunks(texts, chunk_size):
-                pending.append(asyncio.create_task(self.embed(chunk, **params)))
+                pending.append(asyncio.create_task(self.embed(chunk, lane=lane, **params)))
                 if len(pending) >= max_in_flight:
                     yield await pending.popleft()
             while pending:

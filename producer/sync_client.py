@@ -58,6 +58,14 @@ class Client:
         finally:
             self._call(agen.aclose())
 
+    @property
+    def client_id(self) -> str:
+        return self._async.client_id
+
+    @property
+    def reply_stream(self) -> str:
+        return self._async.reply_stream
+
     def close(self) -> None:
         if self._loop.is_closed():
             return

@@ -101,3 +101,33 @@ def test_bad_limits() -> None:
         BatchLimits(max_batch_tokens=0)
     with pytest.raises(ValueError):
         Batcher[int](BatchLimits()).add(1, 0)
+
+
+def test_urgent_sequences_are_served_before_older_bulk_ones() -> None:
+    b: Batcher[str] = Batcher(BatchLimits(max_batch_tokens=64, max_batch_size=2))
+    for i in range(10):
+        b.add(f"bulk{i}", 30, urgent=False)
+    b.add("query", 30)
+    first = b.next_batch()
+    assert first is not None and "query" in first.items
+
+
+def test_bulk_lane_is_not_starved_by_steady_interactive_load() -> None:
+    limits = BatchLimits(max_batch_tokens=10, max_batch_size=1, bulk_every=3)
+    b: Batcher[str] = Batcher(limits)
+    b.add("bulk", 5, urgent=False)
+    served: list[str] = []
+    for i in range(20):  # a new query arrives before every batch
+        b.add(f"q{i}", 5)
+        batch = b.next_batch()
+        assert batch is not None
+        served += batch.items
+    # The bulk item anchors a batch after at most bulk_every urgent ones.
+    assert served.index("bulk") == limits.bulk_every
+
+
+def test_bulk_alone_is_served_in_age_order() -> None:
+    b: Batcher[int] = Batcher(BatchLimits(max_batch_tokens=8, max_batch_size=1))
+    for i in range(5):
+        b.add(i, 3, urgent=False)
+    assert [x for batch in _drain(b) for x in batch] == [0, 1, 2, 3, 4]

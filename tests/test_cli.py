@@ -8,11 +8,13 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import httpx
 import numpy as np
+import pytest
 import redis
 
 from embedq import Client
@@ -117,9 +119,10 @@ def test_rag_quickstart_example() -> None:
 
 
 def test_status_lists_models_and_queues(redis_server: RedisServer, tmp_path: Path) -> None:
-    def run() -> subprocess.CompletedProcess[str]:
+    def run(interval: float = 0.2) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [sys.executable, "-m", "embedq", "status", "--redis-url", redis_server.url],
+            [sys.executable, "-m", "embedq", "status", "--redis-url", redis_server.url,
+             "--interval", str(interval)],
             capture_output=True, text=True, timeout=60,
         )  # fmt: skip
 
@@ -130,7 +133,27 @@ def test_status_lists_models_and_queues(redis_server: RedisServer, tmp_path: Pat
         r.xadd(keys.dead_letter_stream(MODEL), {"reason": "test"})
     out = run().stdout.splitlines()
     assert out[0].split()[:3] == ["model", "type", "dtype"]
-    assert out[1].split() == [MODEL, "embedding", "float32", "cpu", "1", "0", "0", "1"]
+    # workers, backlog, bulk backlog, pending, dead letters, jobs/s, inputs/s
+    assert out[1].split() == [MODEL, "embedding", "float32", "cpu", "1", "0", "0", "0", "1", "0.0", "0.0"]
+
+    # Throughput: workers add their answered counts to the model's stats with each
+    # heartbeat (every 2 s), and status reads them twice, --interval apart.
+    stop = threading.Event()
+
+    def load() -> None:
+        with Client(redis_server.url, model=MODEL) as client:
+            while not stop.is_set():
+                client.embed(["a", "b", "c"])
+
+    loader = threading.Thread(target=load)
+    loader.start()
+    try:
+        busy = run(interval=4.5).stdout.splitlines()[1].split()
+    finally:
+        stop.set()
+        loader.join()
+    jobs_per_s, inputs_per_s = float(busy[-2]), float(busy[-1])
+    assert jobs_per_s > 0 and inputs_per_s == pytest.approx(3 * jobs_per_s, abs=0.2)
     worker.stop()
     assert run().stdout.splitlines()[1].split()[4] == "0"  # no live worker after a clean stop
     dead = subprocess.run(

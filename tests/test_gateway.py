@@ -432,9 +432,11 @@ def test_info_health_metrics_docs(http: httpx.Client) -> None:
     assert "te_queue_size " in text
     assert f'embedq_live_workers{{model="{MODEL}"}} 1.0' in text
     assert f'embedq_dead_letters{{model="{MODEL}"}} 0.0' in text
-    assert f'embedq_queue_backlog{{model="{MODEL}"}} ' in text
-    assert f'embedq_queue_pending{{model="{MODEL}"}} ' in text
-    assert "_total" not in text
+    assert f'embedq_queue_backlog{{lane="interactive",model="{MODEL}"}} ' in text
+    assert f'embedq_queue_pending{{lane="bulk",model="{MODEL}"}} ' in text
+    assert f'embedq_jobs_answered_total{{model="{MODEL}"}} ' in text
+    # TEI's counters carry no _total suffix; embedq's own follow Prometheus' convention.
+    assert not [line for line in text.splitlines() if line.startswith("te_") and "_total" in line]
 
     docs = http.get("/docs")
     assert docs.status_code == 200 and "swagger" in docs.text.lower()

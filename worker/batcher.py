@@ -1,7 +1,11 @@
 """Cutting batches of sequences up to a token budget. Pure: no Redis, no model.
 
 Policy (better than strict FIFO, and starvation-free):
-- every batch contains the oldest waiting sequence, so nothing waits forever;
+- two lanes: a batch is anchored at the oldest *urgent* (interactive) sequence when one
+  waits, so a query never queues behind a bulk backfill; the oldest bulk sequence
+  anchors a batch at least once every ``bulk_every`` batches, so bulk work keeps
+  moving under a steady interactive load (ageing);
+- every batch contains its lane's oldest waiting sequence, so nothing waits forever;
 - around it, the batch takes neighbours in token-length order, growing towards the
   side that adds the least padding, so lengths in a batch are close and padding stays
   near zero when a backlog exists;
@@ -24,9 +28,11 @@ class BatchLimits:
     max_batch_tokens: int = 16384
     max_batch_size: int = 256
     padded: bool = True
+    # While interactive work waits, every n-th batch still starts from the oldest bulk one.
+    bulk_every: int = 4
 
     def __post_init__(self) -> None:
-        if self.max_batch_tokens < 1 or self.max_batch_size < 1:
+        if self.max_batch_tokens < 1 or self.max_batch_size < 1 or self.bulk_every < 1:
             raise ValueError("batch limits must be positive")
 
 
@@ -57,10 +63,13 @@ class Batcher(Generic[T]):
     def __init__(self, limits: BatchLimits) -> None:
         self._limits = limits
         self._by_length: list[_Entry[T]] = []
-        self._by_age: list[int] = []  # heap of seq numbers, lazily cleaned
-        self._live: set[int] = set()
+        # Per lane (urgent first), a heap of seq numbers, lazily cleaned.
+        self._by_age: tuple[list[int], list[int]] = ([], [])
+        # Length of every waiting seq number (finds its place in _by_length by bisection).
+        self._live: dict[int, int] = {}
         self._counter = itertools.count()
         self._tokens = 0
+        self._urgent_batches = 0  # batches anchored urgent in a row while bulk waited
 
     def __len__(self) -> int:
         return len(self._by_length)
@@ -69,14 +78,31 @@ class Batcher(Generic[T]):
     def pending_tokens(self) -> int:
         return self._tokens
 
-    def add(self, item: T, length: int) -> None:
+    def add(self, item: T, length: int, *, urgent: bool = True) -> None:
+        """Queue one sequence; ``urgent`` ones (the interactive lane) are served first."""
         if length < 1:
             raise ValueError("a sequence has at least one token")
         seq = next(self._counter)
         bisect.insort(self._by_length, _Entry(length, seq, item))
-        heapq.heappush(self._by_age, seq)
-        self._live.add(seq)
+        heapq.heappush(self._by_age[0 if urgent else 1], seq)
+        self._live[seq] = length
         self._tokens += length
+
+    def _oldest(self, lane: int) -> int | None:
+        heap = self._by_age[lane]
+        while heap and heap[0] not in self._live:
+            heapq.heappop(heap)
+        return heap[0] if heap else None
+
+    def _anchor_seq(self) -> int:
+        urgent, bulk = self._oldest(0), self._oldest(1)
+        if urgent is None or (bulk is not None and self._urgent_batches >= self._limits.bulk_every):
+            self._urgent_batches = 0
+            assert bulk is not None
+            return bulk
+        if bulk is not None:
+            self._urgent_batches += 1
+        return urgent
 
     def _fits(self, longest: int, lengths_sum: int, count: int) -> bool:
         cost = longest * count if self._limits.padded else lengths_sum
@@ -91,11 +117,10 @@ class Batcher(Generic[T]):
     def next_batch(self) -> Batch[T] | None:
         if not self._by_length:
             return None
-        while self._by_age[0] not in self._live:
-            heapq.heappop(self._by_age)
-        oldest = self._by_age[0]
+        oldest = self._anchor_seq()
         entries = self._by_length
-        anchor = next(i for i, e in enumerate(entries) if e.seq == oldest)
+        # Entries sort by (length, seq): bisection finds the anchor without a scan.
+        anchor = bisect.bisect_left(entries, _Entry(self._live[oldest], oldest, None))  # type: ignore[arg-type]
 
         lo = hi = anchor
         total = entries[anchor].length
@@ -129,6 +154,6 @@ class Batcher(Generic[T]):
         chosen = entries[lo : hi + 1]
         del entries[lo : hi + 1]
         for e in chosen:
-            self._live.discard(e.seq)
+            del self._live[e.seq]
             self._tokens -= e.length
         return Batch(items=[e.item for e in chosen], lengths=[e.length for e in chosen])

@@ -57,6 +57,8 @@ class WorkerConfig:
     consumer_name: str | None = None
     lease_ms: int = 30_000
     max_deliveries: int = 3
+    # The dead-letter stream is trimmed to about this many newest entries.
+    dlq_max_len: int = 100_000
     prefetch_tokens: int = 0  # 0: eight batches' worth
     reply_ttl_s: int = 600
     heartbeat_s: float = 2.0
@@ -159,7 +161,19 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
         help="stable consumer name: a restarted worker re-reads its own pending entries at once",
     )
     a("--lease-ms", type=int, default=int(_env("embedq_lease_ms", "30000") or 30000))
+    a(
+        "--heartbeat-s",
+        type=float,
+        default=float(_env("embedq_heartbeat_s", "2") or 2),
+        help="seconds between heartbeats (a worker silent for 5 of them counts as gone)",
+    )
     a("--max-deliveries", type=int, default=int(_env("embedq_max_deliveries", "3") or 3))
+    a(
+        "--dlq-max-len",
+        type=int,
+        default=int(_env("embedq_dlq_max_len", "100000") or 100000),
+        help="keep about this many newest dead letters (older ones are trimmed)",
+    )
     a(
         "--metrics-port",
         type=int,
@@ -201,7 +215,7 @@ def config_from_args(ns: argparse.Namespace) -> WorkerConfig:
         model_id=model_id,
         model_path=path,
         served_model_name=served,
-        redis=RedisSettings(url=ns.redis_url),
+        redis=RedisSettings.from_env(ns.redis_url),
         backend=ns.backend,
         device=ns.device,
         dtype=ns.dtype,
@@ -215,7 +229,9 @@ def config_from_args(ns: argparse.Namespace) -> WorkerConfig:
         default_prompt=ns.default_prompt,
         consumer_name=ns.consumer_name,
         lease_ms=ns.lease_ms,
+        heartbeat_s=ns.heartbeat_s,
         max_deliveries=ns.max_deliveries,
+        dlq_max_len=ns.dlq_max_len,
         max_batch_seconds=ns.max_batch_seconds,
         llm_reranker=ns.llm_reranker,
         metrics_port=ns.metrics_port,
@@ -223,10 +239,14 @@ def config_from_args(ns: argparse.Namespace) -> WorkerConfig:
         **({"reranker_instruction": ns.reranker_instruction} if ns.reranker_instruction else {}),
         fake_delay_us_per_token=ns.fake_delay_us_per_token,
     )
+    if not 0.05 <= cfg.heartbeat_s <= 60:
+        raise ConfigError("--heartbeat-s must be between 0.05 and 60")
     if cfg.lease_ms < 1000:
         raise ConfigError("--lease-ms must be at least 1000")
     if cfg.max_batch_seconds <= 0:
         raise ConfigError("--max-batch-seconds must be positive")
+    if cfg.dlq_max_len < 1:
+        raise ConfigError("--dlq-max-len must be at least 1")
     if cfg.max_deliveries < 1:
         raise ConfigError("--max-deliveries must be at least 1")
     return cfg

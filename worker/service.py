@@ -78,6 +78,7 @@ class RegistrationConflict(Exception):
 
 READ_COUNT = 64
 READ_BLOCK_MS = 1000
+FULL_READ_BLOCK_MS = 50
 
 
 @dataclass(frozen=True, eq=False)
@@ -127,7 +128,11 @@ class Worker:
         self.name = config.make_consumer_name()
         self.redis = redis or connect(config.redis, name=f"embedq-worker:{self.name}")
         self.stream = JobStream(
-            self.redis, config.served_model_name, self.name, reply_ttl_s=config.reply_ttl_s
+            self.redis,
+            config.served_model_name,
+            self.name,
+            reply_ttl_s=config.reply_ttl_s,
+            dlq_max_len=config.dlq_max_len,
         )
         self.limits = DecodeLimits()
         self.batcher: Batcher[_Seq] = Batcher(
@@ -142,7 +147,10 @@ class Worker:
                 f"--max-batch-tokens ({config.max_batch_tokens}) must be at least the model's "
                 f"max input length ({backend.description.max_input_length})"
             )
-        self.active: dict[bytes, ActiveJob] = {}
+        # Jobs held, by (stream, entry id): admitted and not yet answered.
+        self.active: dict[tuple[str, bytes], ActiveJob] = {}
+        # Counters added to the model's stats hash with the next heartbeat.
+        self._unsent_stats: dict[str, int] = {}
         self._work = asyncio.Event()
         self._room = asyncio.Event()
         self._room.set()
@@ -279,6 +287,8 @@ class Worker:
             "max_batch_requests": str(self.config.max_batch_requests),
             "auto_truncate": "true" if self.config.auto_truncate else "false",
             "kinds": ",".join(d.kinds),
+            # The prompt a request without prompt_name gets (part of the cache's key).
+            "default_prompt": self._default_prompt_text(),
             # Heartbeats older than this mean the worker is gone (the gateway's /health).
             "liveness_ms": str(self._stale_ms()),
         }
@@ -288,12 +298,20 @@ class Worker:
         backoff = 0.1
         try:
             while not self._stopping.is_set():
-                if self.batcher.pending_tokens >= self.config.read_ahead_tokens:
+                waiting = self.batcher.pending_tokens
+                if waiting >= 2 * self.config.read_ahead_tokens:
                     self._room.clear()
                     await self._room.wait()
                     continue
+                # With the read-ahead full (a bulk backfill), keep taking interactive jobs
+                # only, with short blocks so bulk reading resumes as soon as there is room.
+                full = waiting >= self.config.read_ahead_tokens
                 try:
-                    deliveries = await self.stream.read_new(READ_COUNT, READ_BLOCK_MS)
+                    deliveries = await self.stream.read_new(
+                        READ_COUNT,
+                        FULL_READ_BLOCK_MS if full else READ_BLOCK_MS,
+                        ("interactive",) if full else keys.LANES,
+                    )
                     backoff = 0.1
                 except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
                     log.warning("Redis unreachable while reading (%s); retrying in %.1fs", exc, backoff)
@@ -312,11 +330,11 @@ class Worker:
         """Decode and check jobs, tokenize the good ones in a thread, queue their sequences."""
         ready: list[ActiveJob] = []
         for d in deliveries:
-            if d.entry_id in self.active:
+            if d.key in self.active:
                 continue  # already ours (own-PEL read racing a claim)
             job = await self._check(d)
             if job is not None:
-                self.active[d.entry_id] = job
+                self.active[d.key] = job
                 ready.append(job)
         if not ready:
             return
@@ -331,8 +349,9 @@ class Worker:
                 continue
             width = len(self.backend.description.id2label) if job.job.kind in SCORE_KINDS else self.dim
             job.start([len(ids) for ids, _ in seqs], width)
+            urgent = keys.lane_of(job.delivery.stream) == "interactive"
             for i, (ids, types) in enumerate(seqs):
-                self.batcher.add(_Seq(job, i, ids, types), len(ids))
+                self.batcher.add(_Seq(job, i, ids, types), len(ids), urgent=urgent)
         self._work.set()
 
     async def _check(self, d: Delivery) -> ActiveJob | None:
@@ -381,7 +400,7 @@ class Worker:
         except Exception as exc:  # pydantic errors from params
             active.error = ValidationError(f"invalid parameters: {exc}")
         if active.error is not None:
-            self.active[d.entry_id] = active
+            self.active[d.key] = active
             await self._finish(active)
             return None
         return active
@@ -467,6 +486,12 @@ class Worker:
             job.tokenize_ms = (time.perf_counter() - start) * 1000
             job.tokenize_window = (wall_start, time.time_ns())
         return out
+
+    def _default_prompt_text(self) -> str:
+        try:
+            return self._prompt(None) or ""
+        except ValidationError:
+            return ""
 
     def _prompt(self, prompt_name: str | None) -> str | None:
         """The prompt text for a request: its prompt_name, else the worker's default."""
@@ -627,12 +652,14 @@ class Worker:
             while not self._replies.empty() and len(jobs) < 256:
                 jobs.append(self._replies.get_nowait())
             outgoing = [
-                OutgoingReply(j.delivery.entry_id, j.job.reply_to, pack_reply(j.reply(self.name)))
-                for j in jobs
+                OutgoingReply(j.delivery, j.job.reply_to, pack_reply(j.reply(self.name))) for j in jobs
             ]
             await self._deliver(outgoing)
+            self._count("jobs_answered", len(jobs))
+            self._count("inputs_answered", sum(len(j.job.inputs) for j in jobs))
+            self._count("tokens_answered", sum(sum(j.token_counts) for j in jobs))
             for j in jobs:
-                self.active.pop(j.delivery.entry_id, None)
+                self.active.pop(j.delivery.key, None)
                 self.metrics.answered(j.job.kind, "ok" if j.error is None else j.error.code)
                 if j.span is not None:
                     if j.error is not None:
@@ -655,10 +682,10 @@ class Worker:
                 continue
             outgoing = []
             for reply, exc in failed:
-                job = self.active.get(reply.entry_id)
+                job = self.active.get(reply.delivery.key)
                 if "WRONGTYPE" in str(exc) and job is not None:
                     reason = f"cannot reply to {reply.reply_to!r}: {exc}"
-                    log.warning("dead-lettering entry %s: %s", reply.entry_id, reason)
+                    log.warning("dead-lettering entry %s: %s", reply.delivery.entry_id, reason)
                     await self._safe(self.stream.dead_letter(job.delivery, reason))
                     self.metrics.dead_lettered("reply_to")
                 else:  # out of memory, read-only replica, loading...: try again later
@@ -670,6 +697,9 @@ class Worker:
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
 
+    def _count(self, name: str, value: int) -> None:
+        self._unsent_stats[name] = self._unsent_stats.get(name, 0) + value
+
     async def _safe(self, coro: Awaitable[object]) -> None:
         try:
             await coro
@@ -680,11 +710,14 @@ class Worker:
     async def _heartbeat_loop(self) -> None:
         while not self._closing:
             await asyncio.sleep(self.config.heartbeat_s)
+            stats, self._unsent_stats = self._unsent_stats, {}
             try:
-                await self.stream.heartbeat(self.name, stale_after_ms=self._stale_ms())
+                await self.stream.heartbeat(self.name, stale_after_ms=self._stale_ms(), stats=stats)
                 self.metrics.heartbeat_ok()
             except RedisError as exc:
                 log.warning("heartbeat failed: %s", exc)
+                for name, value in stats.items():  # sent with the next one instead
+                    self._count(name, value)
 
     async def _lease_loop(self) -> None:
         """Renew the leases of held jobs while the model makes progress.
@@ -703,7 +736,7 @@ class Worker:
                     f"(--max-batch-seconds {self.config.max_batch_seconds:g}): the model looks hung"
                 )
             if self.active:
-                await self._safe(self.stream.renew(list(self.active)))
+                await self._safe(self.stream.renew([job.delivery for job in self.active.values()]))
 
     async def _reclaim_loop(self) -> None:
         page = 64

@@ -39,21 +39,48 @@ class Delivery:
     entry_id: bytes
     fields: dict[bytes, bytes]
     deliveries: int = 1
+    # The request stream it came from: the model's interactive or bulk lane.
+    stream: str = ""
+
+    @property
+    def key(self) -> tuple[str, bytes]:
+        """Unique among both lanes (the two streams can hand out the same entry id)."""
+        return (self.stream, self.entry_id)
 
 
 @dataclass(frozen=True)
 class OutgoingReply:
-    entry_id: bytes
+    delivery: Delivery
     reply_to: str
     payload: bytes
 
 
+def _by_stream(deliveries: Iterable[Delivery]) -> dict[str, list[bytes]]:
+    out: dict[str, list[bytes]] = {}
+    for d in deliveries:
+        out.setdefault(d.stream, []).append(d.entry_id)
+    return out
+
+
 class JobStream:
-    def __init__(self, redis: aioredis.Redis, model: str, consumer: str, *, reply_ttl_s: int) -> None:
+    """Both lanes of one served model, read with one consumer group."""
+
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        model: str,
+        consumer: str,
+        *,
+        reply_ttl_s: int,
+        dlq_max_len: int = 100_000,
+    ) -> None:
         self.redis = redis
+        # The dead-letter stream keeps about this many newest entries (trimmed on write).
+        self.dlq_max_len = dlq_max_len
         self.model = model
         self.consumer = consumer
-        self.key = keys.jobs_stream(model)
+        self.lanes: dict[keys.Lane, str] = {lane: keys.jobs_stream(model, lane) for lane in keys.LANES}
+        self.key = self.lanes["interactive"]
         self.dlq = keys.dead_letter_stream(model)
         self.group = keys.WORKER_GROUP
         self._reply_ttl_ms = reply_ttl_s * 1000
@@ -61,13 +88,14 @@ class JobStream:
         self._info: dict[str, str] | None = None
 
     async def ensure_group(self) -> None:
-        """Create the group at id 0 (so jobs queued before any worker are served)."""
-        try:
-            await self.redis.xgroup_create(self.key, self.group, id="0", mkstream=True)
-            log.info("created consumer group %s on %s", self.group, self.key)
-        except ResponseError as exc:
-            if "BUSYGROUP" not in str(exc):
-                raise
+        """Create the group on both lanes at id 0 (so jobs queued before any worker are served)."""
+        for stream in self.lanes.values():
+            try:
+                await self.redis.xgroup_create(stream, self.group, id="0", mkstream=True)
+                log.info("created consumer group %s on %s", self.group, stream)
+            except ResponseError as exc:
+                if "BUSYGROUP" not in str(exc):
+                    raise
 
     async def registered(self, live_window_ms: int) -> tuple[dict[str, str], int]:
         """The model description already published under this name, and how many of
@@ -86,20 +114,26 @@ class JobStream:
         pipe.sadd(keys.MODELS_SET, self.model)
         await pipe.execute()
 
-    async def heartbeat(self, worker_id: str, *, stale_after_ms: int) -> None:
+    async def heartbeat(
+        self, worker_id: str, *, stale_after_ms: int, stats: dict[str, int] | None = None
+    ) -> None:
+        """Refresh this worker's heartbeat; ``stats`` are added to the model's counters."""
         now = now_ms()
         pipe = self.redis.pipeline(transaction=False)
         pipe.zadd(keys.workers_key(self.model), {worker_id: now})
         pipe.zremrangebyscore(keys.workers_key(self.model), "-inf", now - stale_after_ms)
+        for name, value in (stats or {}).items():
+            if value:
+                pipe.hincrby(keys.stats_key(self.model), name, value)
         await pipe.execute()
 
     async def leave(self, worker_id: str) -> None:
         await self.redis.zrem(keys.workers_key(self.model), worker_id)
 
-    async def _read(self, start: str, count: int, block_ms: int | None) -> list[Delivery]:
+    async def _read(self, streams: dict[str, str], count: int, block_ms: int | None) -> list[Delivery]:
         try:
             resp = await self.redis.xreadgroup(
-                self.group, self.consumer, {self.key: start}, count=count, block=block_ms
+                self.group, self.consumer, streams, count=count, block=block_ms
             )
         except ResponseError as exc:
             if "NOGROUP" in str(exc) or "no longer exists" in str(exc):
@@ -110,35 +144,40 @@ class JobStream:
                 return []
             raise
         out: list[Delivery] = []
-        for _stream, entries in resp or []:
+        for stream, entries in resp or []:
+            name = stream.decode() if isinstance(stream, bytes) else str(stream)
             for entry_id, fields in entries:
                 # A pending entry deleted meanwhile comes back with no fields.
                 if fields is not None:
-                    out.append(Delivery(entry_id, fields))
+                    out.append(Delivery(entry_id, fields, stream=name))
         return out
 
-    async def read_new(self, count: int, block_ms: int) -> list[Delivery]:
-        return await self._read(">", count, block_ms)
+    async def read_new(
+        self, count: int, block_ms: int, lanes: Sequence[keys.Lane] = keys.LANES
+    ) -> list[Delivery]:
+        """New entries of the given lanes (interactive first in the result)."""
+        return await self._read({self.lanes[lane]: ">" for lane in lanes}, count, block_ms)
 
     async def read_own_pending(self, count: int = 256) -> list[Delivery]:
         """Entries this consumer name already holds (a restarted worker with a stable name)."""
-        deliveries = await self._read("0", count, None)
+        deliveries = await self._read({s: "0" for s in self.lanes.values()}, count, None)
         return await self._with_counts(deliveries)
 
     async def claim_idle(self, min_idle_ms: int, count: int = 64) -> list[Delivery]:
-        """Take over entries whose lease lapsed (their worker died or hung)."""
+        """Take over entries whose lease lapsed (their worker died or hung), both lanes."""
         claimed: list[Delivery] = []
-        cursor = "0-0"
-        while len(claimed) < count:
-            resp = await self.redis.xautoclaim(
-                self.key, self.group, self.consumer, min_idle_ms, start_id=cursor, count=count
-            )
-            cursor = resp[0].decode() if isinstance(resp[0], bytes) else str(resp[0])
-            for entry_id, fields in resp[1]:
-                if fields is not None:
-                    claimed.append(Delivery(entry_id, fields))
-            if cursor == "0-0":
-                break
+        for stream in self.lanes.values():
+            cursor = "0-0"
+            while len(claimed) < count:
+                resp = await self.redis.xautoclaim(
+                    stream, self.group, self.consumer, min_idle_ms, start_id=cursor, count=count
+                )
+                cursor = resp[0].decode() if isinstance(resp[0], bytes) else str(resp[0])
+                for entry_id, fields in resp[1]:
+                    if fields is not None:
+                        claimed.append(Delivery(entry_id, fields, stream=stream))
+                if cursor == "0-0":
+                    break
         return await self._with_counts(claimed)
 
     async def _with_counts(self, deliveries: Sequence[Delivery]) -> list[Delivery]:
@@ -147,21 +186,21 @@ class JobStream:
             return []
         pipe = self.redis.pipeline(transaction=False)
         for d in deliveries:
-            pipe.xpending_range(self.key, self.group, min=d.entry_id, max=d.entry_id, count=1)
+            pipe.xpending_range(d.stream, self.group, min=d.entry_id, max=d.entry_id, count=1)
         rows = await pipe.execute()
         out = []
         for d, row in zip(deliveries, rows, strict=True):
             count = int(row[0]["times_delivered"]) if row else 1
-            out.append(Delivery(d.entry_id, d.fields, count))
+            out.append(Delivery(d.entry_id, d.fields, count, d.stream))
         return out
 
-    async def renew(self, entry_ids: Iterable[bytes]) -> set[bytes]:
-        """Reset the idle time of entries we still own; returns those we own."""
-        ids = list(entry_ids)
-        if not ids:
-            return set()
-        owned = await self._renew(keys=[self.key], args=[self.group, self.consumer, *ids])
-        return {x if isinstance(x, bytes) else str(x).encode() for x in owned}
+    async def renew(self, held: Iterable[Delivery]) -> set[tuple[str, bytes]]:
+        """Reset the idle time of entries we still own; returns the keys of those we own."""
+        owned_keys: set[tuple[str, bytes]] = set()
+        for stream, ids in _by_stream(held).items():
+            owned = await self._renew(keys=[stream], args=[self.group, self.consumer, *ids])
+            owned_keys.update((stream, x if isinstance(x, bytes) else str(x).encode()) for x in owned)
+        return owned_keys
 
     async def reply_and_ack(self, replies: Sequence[OutgoingReply]) -> list[tuple[OutgoingReply, Exception]]:
         """Write replies, then acknowledge and delete the requests whose reply was written.
@@ -179,7 +218,7 @@ class JobStream:
             (r, res) for r, res in zip(replies, results[::2], strict=True) if isinstance(res, Exception)
         ]
         refused = {id(r) for r, _ in failed}
-        await self.ack([r.entry_id for r in replies if id(r) not in refused])
+        await self.ack([r.delivery for r in replies if id(r) not in refused])
         return failed
 
     async def send_reply(self, reply_to: str, payload: bytes) -> None:
@@ -189,18 +228,20 @@ class JobStream:
         pipe.pexpire(reply_to, self._reply_ttl_ms)
         await pipe.execute()
 
-    async def ack(self, entry_ids: Sequence[bytes]) -> None:
-        if not entry_ids:
+    async def ack(self, deliveries: Sequence[Delivery]) -> None:
+        if not deliveries:
             return
         pipe = self.redis.pipeline(transaction=False)
-        pipe.xack(self.key, self.group, *entry_ids)
-        pipe.xdel(self.key, *entry_ids)
+        for stream, ids in _by_stream(deliveries).items():
+            pipe.xack(stream, self.group, *ids)
+            pipe.xdel(stream, *ids)
         await pipe.execute()
 
     async def dead_letter(self, delivery: Delivery, reason: str) -> None:
         """Move an entry to the dead-letter stream with why, then remove it."""
         fields: dict[bytes | str, bytes | str] = {
             b"entry_id": delivery.entry_id,
+            b"lane": keys.lane_of(delivery.stream).encode(),
             b"reason": reason.encode("utf-8", "replace")[:4096],
             b"deliveries": str(delivery.deliveries).encode(),
             b"consumer": self.consumer.encode(),
@@ -208,5 +249,5 @@ class JobStream:
         }
         for name, value in delivery.fields.items():
             fields[b"f:" + (name if isinstance(name, bytes) else str(name).encode())] = value
-        await self.redis.xadd(self.dlq, fields)
-        await self.ack([delivery.entry_id])
+        await self.redis.xadd(self.dlq, fields, maxlen=self.dlq_max_len, approximate=True)
+        await self.ack([delivery])

@@ -21,7 +21,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from embedq.common import tracing
 from embedq.common.errors import BackendError, EmbedqError, ValidationError
 from embedq.common.ids import new_client_id
-from embedq.common.settings import connect
+from embedq.common.settings import connect, redis_username
 from embedq.producer.async_client import AsyncClient
 from embedq.producer.gateway.config import GatewayConfig
 from embedq.producer.gateway.directory import ModelDirectory
@@ -84,12 +84,14 @@ def create_app(config: GatewayConfig) -> ASGIApp:
     client = AsyncClient(
         model=config.model,
         timeout=config.request_timeout_s,
-        client_id=new_client_id("gateway"),
+        client_id=new_client_id("gateway", user=redis_username(config.redis.url)),
         redis_settings=config.redis,
+        cache_ttl_s=config.embedding_cache_ttl_s,
     )
     directory = ModelDirectory(connect(config.redis, name="embedq-gateway-directory", max_connections=2))
     directory.refresh_s = config.refresh_s
     metrics = GatewayMetrics()
+    metrics.watch_queues(directory)
     dispatcher = Dispatcher(client, directory, config)
 
     @asynccontextmanager

@@ -36,6 +36,8 @@ class GatewayConfig:
     max_concurrent_requests: int = 512
     # 429 at once when the model's queue holds this many jobs (waiting + running).
     max_queue_backlog: int = 2048
+    # Seconds an /embed result stays in the Redis embedding cache (0: no cache).
+    embedding_cache_ttl_s: int = 0
     request_timeout_s: float = 60.0
     cors_allow_origin: tuple[str, ...] = ()
     # How often the gateway re-reads served models, heartbeats and backlogs.
@@ -75,7 +77,14 @@ def add_gateway_arguments(parser: argparse.ArgumentParser) -> None:
         "--max-queue-backlog",
         type=int,
         default=int(_env("embedq_max_queue_backlog", "2048") or 2048),
-        help="jobs waiting or running in the model's queue before 429",
+        help="jobs waiting or running in the model's interactive lane before 429",
+    )
+    a(
+        "--embedding-cache-ttl",
+        type=int,
+        default=int(_env("embedq_embedding_cache_ttl", "0") or 0),
+        help="cache /embed results in Redis for this many seconds, keyed by model revision, "
+        "parameters and text (0: off)",
     )
     a("--request-timeout", type=float, default=float(_env("embedq_request_timeout", "60") or 60))
     a(
@@ -88,7 +97,7 @@ def add_gateway_arguments(parser: argparse.ArgumentParser) -> None:
 
 def gateway_config_from_args(ns: argparse.Namespace) -> GatewayConfig:
     cfg = GatewayConfig(
-        redis=RedisSettings(url=ns.redis_url, max_connections=16),
+        redis=RedisSettings.from_env(ns.redis_url, max_connections=16),
         hostname=ns.hostname,
         port=ns.port,
         model=check_model_name(ns.model),
@@ -98,6 +107,7 @@ def gateway_config_from_args(ns: argparse.Namespace) -> GatewayConfig:
         client_batch_policy=ns.client_batch_policy,
         max_concurrent_requests=ns.max_concurrent_requests,
         max_queue_backlog=ns.max_queue_backlog,
+        embedding_cache_ttl_s=ns.embedding_cache_ttl,
         request_timeout_s=ns.request_timeout,
         cors_allow_origin=tuple(ns.cors_allow_origin),
     )

@@ -1,9 +1,9 @@
 """What the gateway knows of the served models, re-read from Redis in the background.
 
-Workers publish a description hash and heartbeats per model; the request stream's
-length is the model's backlog (workers delete what they acknowledge, so XLEN counts
-jobs waiting or running). Request handlers read this snapshot and never wait on Redis
-for it.
+Workers publish a description hash, heartbeats and running counters per model; each
+lane's stream length is its backlog (workers delete what they acknowledge, so XLEN
+counts jobs waiting or running) and XINFO GROUPS gives pending and lag without reading
+a payload. Request handlers read this snapshot and never wait on Redis for it.
 """
 
 from __future__ import annotations
@@ -28,15 +28,44 @@ DEFAULT_LIVENESS_MS = 10_000
 
 
 @dataclass(frozen=True)
+class LaneView:
+    # Jobs in the stream: waiting or running (workers XDEL what they acknowledge).
+    backlog: int = 0
+    # Jobs delivered to a worker and not yet acknowledged.
+    pending: int = 0
+    # Entries not yet delivered to the group (None when Redis cannot tell, after deletions).
+    lag: int | None = None
+
+
+@dataclass(frozen=True)
 class ModelView:
     name: str
     info: dict[str, str]
     live_workers: int
-    # Jobs in the stream: waiting or running (workers XDEL what they acknowledge).
-    backlog: int
-    # Jobs delivered to a worker and not yet acknowledged.
-    pending: int = 0
+    lanes: dict[str, LaneView] = field(default_factory=dict)
     dead_letters: int = 0
+    # The model's running counters (jobs/inputs/tokens answered, cache hits/misses).
+    stats: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def backlog(self) -> int:
+        """Jobs waiting or running, both lanes."""
+        return sum(lane.backlog for lane in self.lanes.values())
+
+    @property
+    def interactive_backlog(self) -> int:
+        lane = self.lanes.get("interactive")
+        return lane.backlog if lane else 0
+
+    @property
+    def pending(self) -> int:
+        return sum(lane.pending for lane in self.lanes.values())
+
+    @property
+    def queued_tokens_estimate(self) -> float:
+        """Backlog × the mean tokens per job answered so far (payloads are never read)."""
+        jobs = self.stats.get("jobs_answered", 0)
+        return self.backlog * self.stats.get("tokens_answered", 0) / jobs if jobs else 0.0
 
     @property
     def model_id(self) -> str:
@@ -134,15 +163,18 @@ class ModelDirectory:
         names = [n for n in names if _valid(n)]
         if not names:
             return {}
+        per_model = 3 + 2 * len(keys.LANES)
         pipe = self.redis.pipeline(transaction=False)
         for name in names:
             pipe.hgetall(keys.model_info_key(name))
-            pipe.xlen(keys.jobs_stream(name))
+            pipe.hgetall(keys.stats_key(name))
             pipe.xlen(keys.dead_letter_stream(name))
-            pipe.xpending(keys.jobs_stream(name), keys.WORKER_GROUP)
+            for lane in keys.LANES:
+                pipe.xlen(keys.jobs_stream(name, lane))
+                pipe.xinfo_groups(keys.jobs_stream(name, lane))
         # A stream or group that is gone (a flush) reads as empty, not as an outage.
         first = await pipe.execute(raise_on_error=False)
-        infos = [_decode_map(_ok(first[4 * i], {})) for i in range(len(names))]
+        infos = [_decode_map(_ok(first[per_model * i], {})) for i in range(len(names))]
         now = now_ms()
         pipe = self.redis.pipeline(transaction=False)
         for name, info in zip(names, infos, strict=True):
@@ -151,16 +183,31 @@ class ModelDirectory:
         counts = await pipe.execute()
         views = {}
         for i, (name, info, count) in enumerate(zip(names, infos, counts, strict=True)):
-            pending = _ok(first[4 * i + 3], {})
+            row = first[per_model * i : per_model * (i + 1)]
+            lanes = {
+                lane: _lane(_ok(row[3 + 2 * j], 0), _ok(row[4 + 2 * j], []))
+                for j, lane in enumerate(keys.LANES)
+            }
+            stats = {k: _int(v, 0) for k, v in _decode_map(_ok(row[1], {})).items()}
             views[name] = ModelView(
                 name=name,
                 info=info,
                 live_workers=int(count),
-                backlog=int(_ok(first[4 * i + 1], 0)),
-                pending=int(pending.get("pending", 0)) if isinstance(pending, dict) else 0,
-                dead_letters=int(_ok(first[4 * i + 2], 0)),
+                lanes=lanes,
+                dead_letters=int(_ok(row[2], 0)),
+                stats=stats,
             )
         return views
+
+
+def _lane(length: int, groups: list[dict[Any, Any]]) -> LaneView:
+    """A lane's figures from XLEN and XINFO GROUPS (the workers' group only)."""
+    for g in groups:
+        name = g.get("name")
+        if (name.decode() if isinstance(name, bytes) else name) == keys.WORKER_GROUP:
+            lag = g.get("lag")
+            return LaneView(int(length), int(g.get("pending") or 0), None if lag is None else int(lag))
+    return LaneView(int(length))
 
 
 def _ok(value: Any, default: Any) -> Any:

@@ -108,9 +108,9 @@ class Dispatcher:
             raise QueueUnavailableError("the queue (Redis) cannot be reached")
         if view.live_workers == 0:
             raise QueueUnavailableError(f"no live worker serves model {view.name!r}")
-        if view.backlog >= self.config.max_queue_backlog:
+        if view.interactive_backlog >= self.config.max_queue_backlog:
             raise OverloadedError(
-                f"Model is overloaded: {view.backlog} jobs queued for {view.name!r} "
+                f"Model is overloaded: {view.interactive_backlog} jobs queued for {view.name!r} "
                 f"(limit {self.config.max_queue_backlog})"
             )
         # A request larger than the whole limit may run alone rather than never.

@@ -12,6 +12,8 @@ from collections import defaultdict
 from prometheus_client import CollectorRegistry, Gauge, Histogram, generate_latest
 
 from embedq.common.metric_buckets import DURATION_BUCKETS, POWER_OF_TWO_BUCKETS
+from embedq.producer.gateway.directory import ModelDirectory
+from embedq.producer.gateway.queue_metrics import QueueCollector
 
 # The route families TEI tracks on their own, besides te_request_*.
 FAMILIES = ("request", "embed", "predict")
@@ -93,26 +95,10 @@ class GatewayMetrics:
         self.queue_size = Gauge(
             "te_queue_size", "jobs waiting or running in the default model's queue", registry=self.registry
         )
-        # Queue state of every served model, read from Redis (never from payloads).
-        self._queue = {
-            name: Gauge(name, doc, ["model"], registry=self.registry)
-            for name, doc in (
-                ("embedq_queue_backlog", "jobs in the model's stream, waiting or running"),
-                ("embedq_queue_pending", "jobs delivered to a worker and not yet acknowledged"),
-                ("embedq_dead_letters", "entries in the model's dead-letter stream"),
-                ("embedq_live_workers", "workers with a fresh heartbeat"),
-            )
-        }
 
-    def queue_state(self, models: dict[str, tuple[int, int, int, int]]) -> None:
-        """(backlog, pending, dead letters, live workers) by served model name."""
-        for gauge in self._queue.values():
-            gauge.clear()  # models that went away disappear from the scrape
-        for model, (backlog, pending, dead, live) in models.items():
-            self._queue["embedq_queue_backlog"].labels(model).set(backlog)
-            self._queue["embedq_queue_pending"].labels(model).set(pending)
-            self._queue["embedq_dead_letters"].labels(model).set(dead)
-            self._queue["embedq_live_workers"].labels(model).set(live)
+    def watch_queues(self, directory: ModelDirectory) -> None:
+        """Export every served model's queue state (embedq_* gauges) at each scrape."""
+        self.registry.register(QueueCollector(directory))
 
     def received(self, family: str, batch: bool) -> None:
         method = "batch" if batch else "single"

@@ -442,9 +442,6 @@ def add_routes(
     async def prometheus() -> Response:
         view = directory.models.get(config.model)
         metrics.queue_size.set(view.backlog if view else 0)
-        metrics.queue_state(
-            {n: (v.backlog, v.pending, v.dead_letters, v.live_workers) for n, v in directory.models.items()}
-        )
         return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     return hot
