@@ -68,6 +68,12 @@ def model_info_key(model: str) -> str:
     return f"{PREFIX}:{{{check_model_name(model)}}}:info"
 
 
+def suspects_key(model: str) -> str:
+    """Hash: "<lane>:<entry id>" -> forward passes that job was in and that never finished
+    (its worker crashed or hung). Jobs merely held by a dying worker are not counted."""
+    return f"{PREFIX}:{{{check_model_name(model)}}}:suspects"
+
+
 def stats_key(model: str) -> str:
     """Hash of running counters: jobs and inputs answered, cache hits and misses, and
     the workers' mean tokens per job (for the queued-tokens estimate)."""

@@ -11,7 +11,9 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel
 from pydantic import ValidationError as PydanticValidationError
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from embedq.common import keys
 from embedq.common.codec import vectors_from_bytes
@@ -93,6 +95,10 @@ class AsyncClient:
         self._reader_redis = None
         self._reader: ReplyReader | None = None
         self._submitter: Submitter | None = None
+        # Jobs awaiting their reply: request id -> (stream, packed job), resubmitted with
+        # the same id after an outage (the second answer, if any, is dropped).
+        self._in_flight: dict[str, tuple[str, bytes]] = {}
+        self.resubmitted = 0
         # Cache `embed` results in Redis for this many seconds (0: no cache).
         self.cache_ttl_s = cache_ttl_s
         self.cache: EmbeddingCache | None = None
@@ -110,6 +116,7 @@ class AsyncClient:
         self._submitter = Submitter(self._redis)
         if self.cache_ttl_s:
             self.cache = EmbeddingCache(self._redis, ttl_s=self.cache_ttl_s)
+        self._reader.on_reconnect = self._resubmit_in_flight
         self._reader.start()
         self._submitter.start()
 
@@ -188,19 +195,17 @@ class AsyncClient:
             first = exc.errors()[0]
             where = ".".join(str(p) for p in first["loc"])
             raise ValidationError(f"invalid request: {where}: {first['msg']}") from None
-        reader, submitter = self._reader, self._submitter
+        reader = self._reader
         waiter = reader.expect(job.id)
+        stream, payload = keys.jobs_stream(model, lane), pack_job(job)
 
         async def round_trip() -> Reply:
-            try:
-                queued = await submitter.submit(keys.jobs_stream(model, lane), pack_job(job))
-            except RedisError as exc:
-                raise QueueUnavailableError(f"cannot enqueue to Redis: {exc}") from exc
-            if not queued:
+            if not await self._enqueue(stream, payload):
                 raise ModelNotServedError(
                     f"model {model!r} is not served: no worker has registered its stream "
-                    f"{keys.jobs_stream(model, lane)!r} on this Redis"
+                    f"{stream!r} on this Redis"
                 )
+            self._in_flight[job.id] = (stream, payload)
             return await waiter
 
         try:
@@ -212,6 +217,54 @@ class AsyncClient:
             ) from None
         finally:
             reader.forget(job.id)
+            self._in_flight.pop(job.id, None)
+
+    async def _enqueue(self, stream: str, payload: bytes) -> bool:
+        """XADD the job; True once queued, False if the stream does not exist.
+
+        A connection that fails or times out leaves it unknown whether the entry landed:
+        the same job (same request id) is sent again until the caller's deadline ends
+        the wait, so at worst it runs twice and the second answer is dropped.
+        """
+        assert self._submitter is not None
+        backoff = 0.05
+        while True:
+            try:
+                return await self._submitter.submit(stream, payload)
+            except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+                log.warning("enqueue failed (%s); sending again in %.2fs", exc, backoff)
+            except RedisError as exc:  # refused (ACL, out of memory...): retrying cannot help
+                raise QueueUnavailableError(f"cannot enqueue to Redis: {exc}") from exc
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 2.0)
+
+    def _resubmit_in_flight(self) -> None:
+        """After Redis came back, send every job still awaiting its reply again (same
+        ids): a restart without persistence, or the last second of an AOF, may have lost
+        it. Jobs that survived run twice at worst; their second answer is dropped."""
+        if self._in_flight:
+            log.warning("Redis is back: resubmitting %d jobs still awaiting replies", len(self._in_flight))
+            asyncio.get_running_loop().create_task(self._resubmit(dict(self._in_flight)))
+
+    async def _resubmit(self, jobs: dict[str, tuple[str, bytes]]) -> None:
+        for _attempt in range(20):
+            missing_stream: dict[str, tuple[str, bytes]] = {}
+            for request_id, (stream, payload) in jobs.items():
+                if request_id not in self._in_flight:
+                    continue  # answered meanwhile
+                try:
+                    if not await self._submitter.submit(stream, payload):  # type: ignore[union-attr]
+                        missing_stream[request_id] = (stream, payload)
+                    else:
+                        self.resubmitted += 1
+                except RedisError as exc:
+                    log.warning("resubmission failed: %s", exc)
+                    return  # the next reconnect tries again
+            if not missing_stream:
+                return
+            # A Redis that lost its data gets the stream back when a worker re-creates it.
+            jobs = missing_stream
+            await asyncio.sleep(0.5)
 
     # ---------------------------------------------------------------- embeddings
     async def embed(

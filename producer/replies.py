@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
@@ -33,6 +34,8 @@ class ReplyReader:
         self._since_trim = 0
         self._closing = False
         self.duplicates_dropped = 0
+        # Called when reading works again after failing (Redis restarted or came back).
+        self.on_reconnect: Callable[[], None] | None = None
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="embedq-replies")
@@ -61,11 +64,16 @@ class ReplyReader:
 
     async def _run(self) -> None:
         backoff = 0.1
+        failing = False
         while not self._closing:
             try:
                 resp = await self._redis.xread({self.stream: self._last_id}, count=512, block=BLOCK_MS)
                 backoff = 0.1
+                if failing and self.on_reconnect is not None:
+                    self.on_reconnect()
+                failing = False
             except RedisError as exc:
+                failing = True
                 log.warning("reply stream read failed (%s); retrying in %.1fs", exc, backoff)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)

@@ -19,11 +19,13 @@ def _seq(job: object, i: int) -> _Seq:
     return _Seq(job=job, index=i, ids=[101, 102])  # type: ignore[arg-type]
 
 
-def test_redelivered_jobs_run_alone() -> None:
-    fresh_a = SimpleNamespace(delivery=SimpleNamespace(deliveries=1))
-    fresh_b = SimpleNamespace(delivery=SimpleNamespace(deliveries=1))
-    again_1 = SimpleNamespace(delivery=SimpleNamespace(deliveries=2))
-    again_2 = SimpleNamespace(delivery=SimpleNamespace(deliveries=3))
+def test_suspected_jobs_run_alone() -> None:
+    """Jobs that were in an unfinished forward pass run alone; jobs that were only held
+    by a dead worker (redelivered, never suspected) are batched as usual."""
+    fresh_a = SimpleNamespace(delivery=SimpleNamespace(deliveries=1, suspicion=0))
+    fresh_b = SimpleNamespace(delivery=SimpleNamespace(deliveries=3, suspicion=0))
+    again_1 = SimpleNamespace(delivery=SimpleNamespace(deliveries=2, suspicion=1))
+    again_2 = SimpleNamespace(delivery=SimpleNamespace(deliveries=3, suspicion=2))
     seqs = [_seq(fresh_a, 0), _seq(again_1, 0), _seq(fresh_b, 0), _seq(again_1, 1), _seq(again_2, 0)]
     groups = _isolate_redelivered(seqs)
     assert [[s.job for s in g] for g in groups] == [[fresh_a, fresh_b], [again_1, again_1], [again_2]]

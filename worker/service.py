@@ -18,7 +18,7 @@ import logging
 import time
 from collections.abc import Awaitable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -77,6 +77,9 @@ class RegistrationConflict(Exception):
 
 
 READ_COUNT = 64
+# Deliveries (each a crash or hang of the worker holding the job) after which a job is
+# dead-lettered even if it never reached a forward pass: max_deliveries × this.
+HELD_DELIVERIES_FACTOR = 4
 READ_BLOCK_MS = 1000
 FULL_READ_BLOCK_MS = 50
 
@@ -91,15 +94,15 @@ class _Seq:
 
 
 def _isolate_redelivered(seqs: list[_Seq]) -> list[list[_Seq]]:
-    """Split a batch so every job delivered before runs alone.
+    """Split a batch so every job that was in an unfinished forward pass runs alone.
 
-    A job that was redelivered may be what killed its last worker; run with others, a
-    crash would count against them too and dead-letter innocent jobs.
+    Such a job may be what killed its last worker; run with others, a crash would count
+    against them too and dead-letter innocent jobs.
     """
-    fresh = [s for s in seqs if s.job.delivery.deliveries <= 1]
+    fresh = [s for s in seqs if not s.job.delivery.suspicion]
     alone: dict[int, list[_Seq]] = {}
     for s in seqs:
-        if s.job.delivery.deliveries > 1:
+        if s.job.delivery.suspicion:
             alone.setdefault(id(s.job), []).append(s)
     return [g for g in (fresh, *alone.values()) if g]
 
@@ -329,6 +332,15 @@ class Worker:
     async def _admit_all(self, deliveries: Sequence[Delivery]) -> None:
         """Decode and check jobs, tokenize the good ones in a thread, queue their sequences."""
         ready: list[ActiveJob] = []
+        deliveries = [d for d in deliveries if d.key not in self.active]
+        redelivered = [d for d in deliveries if d.deliveries > 1]
+        if redelivered:
+            try:
+                counts = await self.stream.suspicion(redelivered)
+            except RedisError:
+                counts = [d.deliveries - 1 for d in redelivered]  # assume the worst
+            found = {d.key: n for d, n in zip(redelivered, counts, strict=True)}
+            deliveries = [replace(d, suspicion=found.get(d.key, 0)) for d in deliveries]
         for d in deliveries:
             if d.key in self.active:
                 continue  # already ours (own-PEL read racing a claim)
@@ -357,9 +369,16 @@ class Worker:
     async def _check(self, d: Delivery) -> ActiveJob | None:
         """A job ready to tokenize, or None after answering/dead-lettering it."""
         raw = d.fields.get(keys.JOB_FIELD)
-        if d.deliveries > self.config.max_deliveries:
-            # Checked before decoding: the entry may be what crashes workers.
-            reason = f"gave up after {d.deliveries - 1} deliveries (the job may crash or hang workers)"
+        # Checked before decoding: the entry may be what crashes workers. A job counts
+        # against its limit only for forward passes it was in that never finished; jobs
+        # merely held by a dying worker are not blamed, up to a backstop for crashes
+        # outside the forward pass (decoding, tokenization).
+        limit = self.config.max_deliveries
+        if d.suspicion >= limit or d.deliveries > limit * HELD_DELIVERIES_FACTOR:
+            reason = (
+                f"gave up after {d.deliveries - 1} deliveries, {d.suspicion} of them in a forward pass "
+                "that never finished (the job may crash or hang workers)"
+            )
             await self._reject(d, raw, BackendError(reason), "deliveries")
             return None
         try:
@@ -529,6 +548,9 @@ class Worker:
 
     async def _run_batch(self, seqs: list[_Seq]) -> None:
         loop = asyncio.get_running_loop()
+        # Recorded before the pass starts: if this process dies in it, whoever takes
+        # these jobs over knows they were being computed, not just held.
+        await self._mark_suspects(seqs)
         start = time.perf_counter()
         self._batch_started = time.monotonic()
         wall_start = time.time_ns()
@@ -573,6 +595,19 @@ class Worker:
             job.batch_size = max(job.batch_size, len(seqs))
             if job.remaining == 0 or job.error is not None:
                 await self._finish(job)
+
+    async def _mark_suspects(self, seqs: list[_Seq]) -> None:
+        deliveries = {id(s.job): s.job.delivery for s in seqs}.values()
+        backoff = 0.05
+        while True:
+            try:
+                await self.stream.mark_suspects(deliveries)
+                return
+            except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+                # Computing unmarked would blame no one for a crash: wait for Redis.
+                log.warning("cannot record the batch before computing (%s); retrying", exc)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 2.0)
 
     def _trace_batch(self, seqs: list[_Seq], start_ns: int, end_ns: int) -> None:
         """One span per batch, linked to every job it served; an inference span per job."""

@@ -41,6 +41,8 @@ class Delivery:
     deliveries: int = 1
     # The request stream it came from: the model's interactive or bulk lane.
     stream: str = ""
+    # Forward passes it was in that never finished (see JobStream.mark_suspects).
+    suspicion: int = 0
 
     @property
     def key(self) -> tuple[str, bytes]:
@@ -82,6 +84,7 @@ class JobStream:
         self.lanes: dict[keys.Lane, str] = {lane: keys.jobs_stream(model, lane) for lane in keys.LANES}
         self.key = self.lanes["interactive"]
         self.dlq = keys.dead_letter_stream(model)
+        self.suspects = keys.suspects_key(model)
         self.group = keys.WORKER_GROUP
         self._reply_ttl_ms = reply_ttl_s * 1000
         self._renew = redis.register_script(_RENEW_SCRIPT)
@@ -221,6 +224,26 @@ class JobStream:
         await self.ack([r.delivery for r in replies if id(r) not in refused])
         return failed
 
+    @staticmethod
+    def _suspect_field(d: Delivery) -> str:
+        return f"{keys.lane_of(d.stream)}:{d.entry_id.decode()}"
+
+    async def mark_suspects(self, deliveries: Iterable[Delivery]) -> None:
+        """Count one more forward pass for these jobs, before it starts: if the process
+        dies in it, their next worker knows they were in the batch, not just held."""
+        fields = {self._suspect_field(d) for d in deliveries}
+        pipe = self.redis.pipeline(transaction=False)
+        for f in fields:
+            pipe.hincrby(self.suspects, f, 1)
+        await pipe.execute()
+
+    async def suspicion(self, deliveries: Sequence[Delivery]) -> list[int]:
+        """Unfinished forward passes of each job (0 for a job never in one)."""
+        if not deliveries:
+            return []
+        values = await self.redis.hmget(self.suspects, [self._suspect_field(d) for d in deliveries])
+        return [int(v) if v is not None else 0 for v in values]
+
     async def send_reply(self, reply_to: str, payload: bytes) -> None:
         """A reply with no request to acknowledge (the request was dead-lettered)."""
         pipe = self.redis.pipeline(transaction=False)
@@ -235,6 +258,7 @@ class JobStream:
         for stream, ids in _by_stream(deliveries).items():
             pipe.xack(stream, self.group, *ids)
             pipe.xdel(stream, *ids)
+        pipe.hdel(self.suspects, *{self._suspect_field(d) for d in deliveries})
         await pipe.execute()
 
     async def dead_letter(self, delivery: Delivery, reason: str) -> None:
