@@ -269,3 +269,165 @@ async def malformed_entries(c: Cluster) -> None:
     for blob in (b"\xc1", b"\x81\xa1j\xc1", os.urandom(512), b"\xdf\xff\xff\xff\xff", b"\x91" * 10_000):
         r.xadd(keys.jobs_stream(MODEL), {keys.JOB_FIELD: blob})
     r.xadd(keys.jobs_stream(MODEL), {b"not-the-job-field": b"x"})
+
+
+# ------------------------------------------------------------------------- producer killed
+PRODUCER = """
+import asyncio, sys
+from embedq import AsyncClient
+async def main():
+    async with AsyncClient(sys.argv[1], model=sys.argv[2], timeout=float(sys.argv[3])) as c:
+        print(c.reply_stream, flush=True)
+        await asyncio.gather(*(c.embed(f"orphan {i} " + "w " * 20) for i in range(int(sys.argv[4]))),
+                             return_exceptions=True)
+asyncio.run(main())
+"""
+
+
+def _worker_outcomes(metrics_port: int) -> dict[str, float]:
+    import urllib.request
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith("embedq_worker_jobs_total{"):
+            outcome = line.split('outcome="')[1].split('"')[0]
+            out[outcome] = out.get(outcome, 0.0) + float(line.rsplit(" ", 1)[1])
+    return out
+
+
+async def producer_killed(tmp: Path, *, jobs: int = 200, timeout_s: float = 2.0) -> dict[str, float]:
+    """A producer dies with ``jobs`` in flight. Its jobs are answered into a reply stream
+    that expires, and jobs whose deadline passed while queued are never computed."""
+    import subprocess
+    import sys
+
+    from .helpers import free_port
+
+    cluster = Cluster(tmp)
+    cluster.redis.start()
+    port = free_port()
+    # ~22 tokens × 1 ms: ~350 ms per 16-job batch, so most of the backlog outlives its deadline.
+    slow = ("--backend", "fake", "--fake-delay-us-per-token", "1000")
+    cluster.workers.append(
+        start_worker(cluster.url, tmp, *slow, "--reply-ttl-s", "3", "--metrics-port", str(port))
+    )
+    try:
+        r = redis.Redis.from_url(cluster.url)
+        args = [cluster.url, MODEL, str(timeout_s), str(jobs)]
+        proc = subprocess.Popen([sys.executable, "-c", PRODUCER, *args], stdout=subprocess.PIPE)
+        assert proc.stdout is not None
+        reply_stream = proc.stdout.readline().decode().strip()
+        stream = keys.jobs_stream(MODEL)
+        deadline = time.monotonic() + 30
+        while r.xlen(stream) < jobs // 2 and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        proc.kill()
+        proc.wait()
+        killed_at = time.monotonic()
+        while (
+            r.xlen(stream) or r.xpending(stream, keys.WORKER_GROUP)["pending"]
+        ) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        drained_s = time.monotonic() - killed_at
+        ttl_ms = r.pttl(reply_stream)
+        outcomes = _worker_outcomes(port)
+        await asyncio.sleep(3.5)
+        return {
+            "jobs": jobs,
+            "computed": outcomes.get("ok", 0.0),
+            "expired_uncomputed": outcomes.get("timeout", 0.0),
+            "left_in_stream": float(r.xlen(stream)),
+            "drained_s": drained_s,
+            "reply_ttl_ms_after_drain": float(ttl_ms),
+            "reply_stream_exists_after_ttl": float(r.exists(reply_stream)),
+        }
+    finally:
+        cluster.stop()
+
+
+# ------------------------------------------------------------------------- overload
+def _rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+async def overload(tmp: Path, *, seconds: float = 4.0, factor: float = 3.0) -> dict[str, float]:
+    """HTTP load at ``factor`` × a worker's capacity through the gateway: accepted
+    requests meet their deadline, the rest get 429 at once, memory stays bounded."""
+    import httpx
+
+    from .helpers import start_gateway
+
+    cluster = Cluster(tmp)
+    cluster.redis.start()
+    # ~5 tokens × 6 ms: a 16-request batch takes ~0.5 s, so capacity is ~30 requests/s
+    # (low, so that this machine's client can offer three times as much without queueing).
+    slow = ("--backend", "fake", "--fake-delay-us-per-token", "6000")
+    cluster.workers.append(start_worker(cluster.url, tmp, *slow))
+    gateway = start_gateway(cluster.url, tmp, "--max-queue-backlog", "24", "--request-timeout", "5")
+    try:
+        # No client-side pool limit: a request waiting for a connection would count its
+        # wait as the gateway's latency.
+        limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+        async with httpx.AsyncClient(base_url=gateway.url, timeout=30, limits=limits) as http:
+            capacity_start = time.monotonic()
+            done = 0
+            while time.monotonic() - capacity_start < 1.5:
+                await asyncio.gather(
+                    *(http.post("/embed", json={"inputs": f"cap {done + k}"}) for k in range(16))
+                )
+                done += 16
+            capacity = done / (time.monotonic() - capacity_start)
+            rate = capacity * factor
+            rss_before = {n: _rss_mb(p) for n, p in (("gateway", gateway.proc.pid),
+                                                     ("worker", cluster.workers[0].proc.pid))}  # fmt: skip
+            accepted: list[float] = []
+            rejected: list[float] = []
+            other = 0
+
+            async def one(i: int) -> None:
+                nonlocal other
+                t0 = time.monotonic()
+                resp = await http.post("/embed", json={"inputs": f"load {i} a b"})
+                took = time.monotonic() - t0
+                if resp.status_code == 200:
+                    accepted.append(took)
+                elif resp.status_code == 429:
+                    rejected.append(took)
+                else:
+                    other += 1
+
+            tasks = []
+            start = time.monotonic()
+            n = int(rate * seconds)
+            for i in range(n):
+                delay = start + i / rate - time.monotonic()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                tasks.append(asyncio.create_task(one(i)))
+            peak = dict(rss_before)
+            while not all(t.done() for t in tasks):
+                for name, pid in (("gateway", gateway.proc.pid), ("worker", cluster.workers[0].proc.pid)):
+                    peak[name] = max(peak[name], _rss_mb(pid))
+                await asyncio.sleep(0.1)
+            await asyncio.gather(*tasks)
+        return {
+            "capacity_rps": capacity,
+            "offered_rps": rate,
+            "sent": float(n),
+            "accepted": float(len(accepted)),
+            "rejected_429": float(len(rejected)),
+            "other_status": float(other),
+            "accepted_p99_s": float(np.percentile(accepted, 99)) if accepted else 0.0,
+            "accepted_max_s": max(accepted, default=0.0),
+            "rejected_p99_ms": float(np.percentile(rejected, 99) * 1000) if rejected else 0.0,
+            "gateway_rss_growth_mb": peak["gateway"] - rss_before["gateway"],
+            "worker_rss_growth_mb": peak["worker"] - rss_before["worker"],
+        }
+    finally:
+        gateway.stop()
+        cluster.stop()

@@ -47,3 +47,25 @@ async def test_nothing_lost(name: str, tmp_path: Path) -> None:
         assert fig.typed_errors == 240 // 40  # each poison input fails alone, with a typed error
     else:
         assert fig.typed_errors == 0
+
+
+async def test_producer_killed_with_work_in_flight(tmp_path: Path) -> None:
+    f = await chaos.producer_killed(tmp_path)
+    print(f)
+    assert f["left_in_stream"] == 0  # every job answered (result or timeout) and removed
+    assert f["computed"] + f["expired_uncomputed"] == f["jobs"]
+    # Jobs whose deadline passed while queued were answered without compute: far fewer
+    # were computed than sent (the backlog took several times the 2 s deadline).
+    assert f["expired_uncomputed"] > f["jobs"] / 3
+    assert 0 < f["reply_ttl_ms_after_drain"] <= 3000  # the orphaned reply stream expires
+    assert f["reply_stream_exists_after_ttl"] == 0
+
+
+async def test_three_times_overload(tmp_path: Path) -> None:
+    f = await chaos.overload(tmp_path)
+    print(f)
+    assert f["other_status"] == 0
+    assert f["accepted"] > 0 and f["rejected_429"] > f["sent"] / 3
+    assert f["accepted_max_s"] < 5.0  # every accepted request met its 5 s deadline
+    assert f["rejected_p99_ms"] < 200  # the rest were told at once
+    assert f["gateway_rss_growth_mb"] < 100 and f["worker_rss_growth_mb"] < 100

@@ -162,6 +162,12 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
     )
     a("--lease-ms", type=int, default=int(_env("embedq_lease_ms", "30000") or 30000))
     a(
+        "--reply-ttl-s",
+        type=int,
+        default=int(_env("embedq_reply_ttl_s", "600") or 600),
+        help="a reply stream nobody reads any more (its client died) expires after this long",
+    )
+    a(
         "--heartbeat-s",
         type=float,
         default=float(_env("embedq_heartbeat_s", "2") or 2),
@@ -230,6 +236,7 @@ def config_from_args(ns: argparse.Namespace) -> WorkerConfig:
         consumer_name=ns.consumer_name,
         lease_ms=ns.lease_ms,
         heartbeat_s=ns.heartbeat_s,
+        reply_ttl_s=ns.reply_ttl_s,
         max_deliveries=ns.max_deliveries,
         dlq_max_len=ns.dlq_max_len,
         max_batch_seconds=ns.max_batch_seconds,
@@ -239,6 +246,8 @@ def config_from_args(ns: argparse.Namespace) -> WorkerConfig:
         **({"reranker_instruction": ns.reranker_instruction} if ns.reranker_instruction else {}),
         fake_delay_us_per_token=ns.fake_delay_us_per_token,
     )
+    if cfg.reply_ttl_s < 1:
+        raise ConfigError("--reply-ttl-s must be at least 1")
     if not 0.05 <= cfg.heartbeat_s <= 60:
         raise ConfigError("--heartbeat-s must be between 0.05 and 60")
     if cfg.lease_ms < 1000:
