@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import deque
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Sequence
 from typing import Any, Literal
@@ -55,6 +56,10 @@ log = logging.getLogger(__name__)
 
 Texts = str | Sequence[str] | Sequence[int] | Sequence[Sequence[int]]
 
+# How long a request stream that existed may be missing (a Redis restarted without
+# persistence, until a worker re-creates it) before its model counts as not served.
+STREAM_GONE_GRACE_S = 5.0
+
 
 def _as_inputs(texts: Texts) -> list[Any]:
     """TEI's input forms: a string, a list of strings, one id list, or a list of id lists."""
@@ -98,6 +103,8 @@ class AsyncClient:
         # Jobs awaiting their reply: request id -> (stream, packed job), resubmitted with
         # the same id after an outage (the second answer, if any, is dropped).
         self._in_flight: dict[str, tuple[str, bytes]] = {}
+        # Request streams this client has queued to (see _enqueue).
+        self._known_streams: set[str] = set()
         self.resubmitted = 0
         # Cache `embed` results in Redis for this many seconds (0: no cache).
         self.cache_ttl_s = cache_ttl_s
@@ -228,9 +235,22 @@ class AsyncClient:
         """
         assert self._submitter is not None
         backoff = 0.05
+        gone_since: float | None = None
         while True:
             try:
-                return await self._submitter.submit(stream, payload)
+                if await self._submitter.submit(stream, payload):
+                    self._known_streams.add(stream)
+                    return True
+                # A stream this client used before and that is gone now: Redis restarted
+                # without its data. Its workers re-create it within a read, so wait a
+                # little rather than call a served model "not served".
+                if stream not in self._known_streams:
+                    return False
+                now = time.monotonic()
+                gone_since = gone_since or now
+                if now - gone_since > STREAM_GONE_GRACE_S:
+                    self._known_streams.discard(stream)
+                    return False
             except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
                 log.warning("enqueue failed (%s); sending again in %.2fs", exc, backoff)
             except RedisError as exc:  # refused (ACL, out of memory...): retrying cannot help

@@ -40,7 +40,9 @@ async def test_nothing_lost(name: str, tmp_path: Path) -> None:
     finally:
         cluster.stop()
     print(dict(zip(chaos.HEADER, fig.row(), strict=True)), fig.notes[:5])
-    assert fig.acknowledged > 0
+    # Every submission is accepted: through outages the SDK keeps sending (same ids), and
+    # a stream that vanished with a Redis restart is waited for, not reported missing.
+    assert fig.acknowledged == fig.sent, fig
     assert fig.lost == 0, fig
     assert fig.duplicate_answers == 0, fig
     if name.startswith("poison"):

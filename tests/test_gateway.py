@@ -53,10 +53,12 @@ def strict_gateway(
     module_redis: RedisServer, worker: WorkerProcess, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[GatewayProcess]:
     """API key, small payload limit, small client batches rejected, CORS for one origin."""
+    tmp = tmp_path_factory.mktemp("g2")
+    (tmp / "api-key").write_text(API_KEY + "\n")  # a secret mounted as a file
     g = start_gateway(
         module_redis.url,
-        tmp_path_factory.mktemp("g2"),
-        "--api-key", API_KEY,
+        tmp,
+        "--api-key-file", str(tmp / "api-key"),
         "--payload-limit", "2000",
         "--max-client-batch-size", "4",
         "--client-batch-policy", "reject",
@@ -469,6 +471,7 @@ def test_api_key(strict_gateway: GatewayProcess) -> None:
         openai.OpenAI(base_url=f"{url}/v1", api_key="wrong", max_retries=0).embeddings.create(
             input="x", model=MODEL
         )
+    assert API_KEY not in strict_gateway.log()  # never logged
 
 
 def test_payload_limit_is_a_json_413(strict_gateway: GatewayProcess) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import signal
 import threading
 import time
 from pathlib import Path
@@ -485,3 +486,27 @@ def test_a_different_model_under_a_live_name_is_refused(redis_server: RedisServe
         info = r.hgetall(keys.model_info_key(MODEL))
     assert info[b"model_id"] == MODEL.encode() and len(info[b"revision"]) == 16
     real.stop()
+
+
+async def test_stream_lost_with_redis_data_is_waited_for(redis_server: RedisServer, tmp_path: Path) -> None:
+    """After a Redis that lost its data (restart without persistence, a flush), a served
+    model's stream is gone until a worker re-creates it: requests wait for it instead of
+    failing with "not served"."""
+    worker = start_worker(redis_server.url, tmp_path, *FAKE)
+    r = redis.Redis.from_url(redis_server.url)
+    try:
+        async with AsyncClient(redis_server.url, model=MODEL, timeout=20) as c:
+            assert (await c.embed("before")).shape == (1, 384)
+            worker.proc.send_signal(signal.SIGSTOP)  # it cannot re-create anything yet
+            r.flushall()
+            pending = asyncio.create_task(c.embed("after the flush"))
+            await asyncio.sleep(1.0)
+            assert not pending.done()
+            worker.proc.send_signal(signal.SIGCONT)
+            assert (await pending).shape == (1, 384)
+        async with AsyncClient(redis_server.url, model="never/served", timeout=20) as fresh:
+            with pytest.raises(ModelNotServedError):  # a stream never seen: at once
+                await fresh.embed("x")
+    finally:
+        worker.proc.send_signal(signal.SIGCONT)
+        worker.stop()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 from embedq.common.keys import check_model_name
@@ -59,6 +60,11 @@ def add_gateway_arguments(parser: argparse.ArgumentParser) -> None:
         help="served model name TEI's routes use (default: %(default)s)",
     )
     a("--api-key", default=_env("api_key"), help="require `Authorization: Bearer <key>`")
+    a(
+        "--api-key-file",
+        default=_env("embedq_api_key_file"),
+        help="read the API key from this file (a Docker or Kubernetes secret) instead",
+    )
     a("--payload-limit", type=int, default=int(_env("payload_limit", "2000000") or 2_000_000))
     a("--max-client-batch-size", type=int, default=int(_env("max_client_batch_size", "32") or 32))
     a(
@@ -95,13 +101,22 @@ def add_gateway_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _api_key(ns: argparse.Namespace) -> str | None:
+    if ns.api_key_file:
+        try:
+            return Path(ns.api_key_file).read_text().strip() or None
+        except OSError as exc:
+            raise GatewayConfigError(f"cannot read --api-key-file: {exc}") from None
+    return ns.api_key or None
+
+
 def gateway_config_from_args(ns: argparse.Namespace) -> GatewayConfig:
     cfg = GatewayConfig(
         redis=RedisSettings.from_env(ns.redis_url, max_connections=16),
         hostname=ns.hostname,
         port=ns.port,
         model=check_model_name(ns.model),
-        api_key=ns.api_key or None,
+        api_key=_api_key(ns),
         payload_limit=ns.payload_limit,
         max_client_batch_size=ns.max_client_batch_size,
         client_batch_policy=ns.client_batch_policy,
