@@ -42,6 +42,8 @@ async def main(n: int, rate: float) -> str:
     rows = []
     extra: dict[str, dict[str, float]] = {}
     for name, (fault, cluster_args, run_args) in SCENARIOS.items():
+        if "poison_every" in run_args:  # the same six poison inputs as the test, whatever n
+            run_args = {**run_args, "poison_every": max(n // 6, 1)}
         with tempfile.TemporaryDirectory() as tmp:
             cluster = build(Path(tmp), cluster_args)
             try:

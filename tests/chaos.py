@@ -258,10 +258,16 @@ async def no_fault(c: Cluster) -> None:
 
 
 async def duplicate_entries(c: Cluster) -> None:
-    """Copy every waiting entry of the stream once more (same job, same request id)."""
+    """Let a backlog build (workers paused), then copy every entry of the stream once
+    more: the same jobs, same request ids, delivered twice."""
     r = redis.Redis.from_url(c.url)
-    for _, fields in r.xrange(keys.jobs_stream(MODEL), count=500):
+    for w in c.workers:
+        w.proc.send_signal(signal.SIGSTOP)
+    await asyncio.sleep(0.5)
+    for _, fields in r.xrange(keys.jobs_stream(MODEL), count=1000):
         r.xadd(keys.jobs_stream(MODEL), fields)
+    for w in c.workers:
+        w.proc.send_signal(signal.SIGCONT)
 
 
 async def malformed_entries(c: Cluster) -> None:

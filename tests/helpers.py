@@ -127,3 +127,19 @@ def start_gateway(
         except OSError:
             time.sleep(0.1)
     raise TimeoutError("gateway did not listen in time")
+
+
+def wait_healthy(gateway: GatewayProcess, timeout: float = 30) -> None:
+    """Wait until the gateway's /health is 200 (a live worker serves its model)."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if httpx.get(f"{gateway.url}/health").status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if gateway.proc.poll() is not None or time.monotonic() > deadline:
+            raise TimeoutError(f"gateway not healthy:\n{gateway.log()[-3000:]}")
+        time.sleep(0.1)

@@ -19,7 +19,7 @@ from embedq import Client
 from embedq.common import keys
 from embedq.redis_server import _version, find_redis_server
 
-from .helpers import MODEL, free_port, start_worker, wait_for_workers
+from .helpers import MODEL, free_port, start_gateway, start_worker, wait_for_workers, wait_healthy
 
 ROOT = Path(__file__).resolve().parents[1]
 ENTRYPOINT = ROOT / "compose" / "redis" / "entrypoint.sh"
@@ -119,29 +119,15 @@ def test_each_role_does_its_job_and_nothing_more(acl_redis: AclRedis, tmp_path: 
         own_replies = client.reply_stream
 
     # gateway: /embed, /health and /metrics through its own user.
-    port = free_port()
-    gateway = subprocess.Popen(
-        [sys.executable, "-m", "embedq", "gateway", "--redis-url", acl_redis.url("gateway"),
-         "--model", MODEL, "--port", str(port), "--embedding-cache-ttl", "60"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+    gateway = start_gateway(acl_redis.url("gateway"), tmp_path, "--embedding-cache-ttl", "60")
     try:
-        base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if httpx.get(f"{base}/health").status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert gateway.poll() is None and time.monotonic() < deadline
-            time.sleep(0.1)
+        wait_healthy(gateway)
+        base = gateway.url
         assert httpx.post(f"{base}/embed", json={"inputs": "hi"}).status_code == 200
         assert httpx.post(f"{base}/embed", json={"inputs": "hi"}).status_code == 200
         assert "embedq_cache_hits_total" in httpx.get(f"{base}/metrics").text
     finally:
-        gateway.terminate()
-        gateway.wait(timeout=30)
+        gateway.stop()
 
     # worker: garbage is dead-lettered (XADD to the DLQ is allowed) and it keeps serving.
     admin = acl_redis.client("admin")

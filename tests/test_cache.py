@@ -16,7 +16,7 @@ from embedq import AsyncClient
 from embedq.common import keys
 from embedq.redis_server import RedisServer
 
-from .helpers import MODEL, free_port, start_worker
+from .helpers import MODEL, free_port, start_gateway, start_worker, wait_healthy
 
 
 def _answered(url: str) -> int:
@@ -87,28 +87,16 @@ async def test_errors_are_not_cached(redis_server: RedisServer, tmp_path: Path) 
 
 def test_gateway_cache_and_exporter_metrics(redis_server: RedisServer, tmp_path: Path) -> None:
     worker = start_worker(redis_server.url, tmp_path, "--backend", "fake", "--heartbeat-s", "0.2")
-    port, exporter_port = free_port(), free_port()
-    gateway = subprocess.Popen(
-        [sys.executable, "-m", "embedq", "gateway", "--redis-url", redis_server.url, "--model", MODEL,
-         "--port", str(port), "--embedding-cache-ttl", "60"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+    exporter_port = free_port()
+    gateway = start_gateway(redis_server.url, tmp_path, "--embedding-cache-ttl", "60")
     exporter = subprocess.Popen(
         [sys.executable, "-m", "embedq", "exporter", "--redis-url", redis_server.url,
          "--port", str(exporter_port), "--refresh-s", "0.2"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     try:
-        base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if httpx.get(f"{base}/health").status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "gateway did not become healthy"
-            time.sleep(0.1)
+        wait_healthy(gateway)
+        base = gateway.url
         first = httpx.post(f"{base}/embed", json={"inputs": ["one two", "three"]})
         second = httpx.post(f"{base}/embed", json={"inputs": ["one two", "three"]})
         assert first.status_code == second.status_code == 200
@@ -125,8 +113,8 @@ def test_gateway_cache_and_exporter_metrics(redis_server: RedisServer, tmp_path:
             assert "embedq_redis_up 1.0" in text
         assert "te_request_count" in gateway_metrics and "te_request_count" not in exported
     finally:
-        for p in (gateway, exporter):
-            p.terminate()
-            p.wait(timeout=30)
+        gateway.stop()
+        exporter.terminate()
+        exporter.wait(timeout=30)
         worker.stop()
     assert exporter.returncode == 0

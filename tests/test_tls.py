@@ -19,7 +19,7 @@ from embedq.common import keys
 from embedq.common.settings import RedisSettings, connect_sync
 from embedq.redis_server import find_redis_server
 
-from .helpers import MODEL, free_port, start_worker
+from .helpers import MODEL, free_port, start_gateway, start_worker, wait_healthy
 
 PASSWORD = "tls-test-password-7c1f"
 
@@ -93,26 +93,12 @@ async def test_every_component_over_tls(tls_redis: str, tmp_path: Path) -> None:
     async with AsyncClient(tls_redis, model=MODEL) as client:
         assert (await client.embed(["over", "tls"])).shape == (2, 384)
 
-    port = free_port()
-    gateway = subprocess.Popen(
-        [sys.executable, "-m", "embedq", "gateway", "--redis-url", tls_redis, "--model", MODEL,
-         "--port", str(port)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-    )  # fmt: skip
+    gateway = start_gateway(tls_redis, tmp_path)
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert gateway.poll() is None and time.monotonic() < deadline
-            time.sleep(0.1)
-        assert httpx.post(f"http://127.0.0.1:{port}/embed", json={"inputs": "hi"}).status_code == 200
+        wait_healthy(gateway)
+        assert httpx.post(f"{gateway.url}/embed", json={"inputs": "hi"}).status_code == 200
     finally:
-        gateway.terminate()
-        out, _ = gateway.communicate(timeout=30)
+        gateway.stop()
     status = subprocess.run(
         [sys.executable, "-m", "embedq", "status", "--redis-url", tls_redis, "--interval", "0"],
         capture_output=True, text=True, timeout=60,
@@ -120,7 +106,7 @@ async def test_every_component_over_tls(tls_redis: str, tmp_path: Path) -> None:
     assert status.returncode == 0 and MODEL in status.stdout, status.stderr
     worker.stop()
     # The password came from a file and appears in no log.
-    assert PASSWORD not in worker.log() and PASSWORD.encode() not in out
+    assert PASSWORD not in worker.log() and PASSWORD not in gateway.log()
 
 
 def wait_for_workers_tls(settings: RedisSettings, worker: object) -> None:
