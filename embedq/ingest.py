@@ -214,14 +214,15 @@ class Parts:
         path = self.dir / self._name(index)
         tmp = path.with_suffix(".tmp")
         with tmp.open("wb") as f:
-            np.savez(f, ids=np.array(ids, dtype=object), vectors=vectors.astype(np.float32))
+            # Ids as a fixed-width unicode array: loading it needs no pickle.
+            np.savez(f, ids=np.array(ids, dtype=np.str_), vectors=vectors.astype(np.float32))
             f.flush()
             os.fsync(f.fileno())
         tmp.replace(path)
 
     def read_all(self) -> Iterator[tuple[list[str], np.ndarray]]:
         for path in sorted(self.dir.glob("part-*.npz")):
-            with np.load(path, allow_pickle=True) as part:  # our own files: ids are str objects
+            with np.load(path, allow_pickle=False) as part:
                 yield [str(x) for x in part["ids"]], part["vectors"]
 
     def remove(self) -> None:

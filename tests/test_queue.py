@@ -261,6 +261,34 @@ async def test_input_that_hangs_workers_is_answered_in_bounded_time(
     assert len(dead) == 1 and int(dead[0][1][b"deliveries"]) == 3
 
 
+async def test_a_hung_worker_hands_its_jobs_over_without_waiting_for_the_lease(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """A worker leaving because its model hung releases the jobs it holds: a successor
+    takes them at once, not a 30 s lease later."""
+    # One delivery allowed: the hung job is dead-lettered when the successor takes over,
+    # so what is timed is the hand-over of the five innocent jobs.
+    args = (*FAKE, "--max-batch-seconds", "1", "--lease-ms", "30000", "--max-batch-requests", "1",
+            "--max-deliveries", "1")  # fmt: skip
+    first = start_worker(redis_server.url, tmp_path, *args)
+    async with AsyncClient(redis_server.url, model=MODEL, timeout=60) as c:
+        hung = asyncio.create_task(c.embed(f"stuck {HANG_WORD}"))
+        await asyncio.sleep(0.3)  # the hang is in the forward pass; the rest is only held
+        innocent = [asyncio.create_task(c.embed(f"innocent {i}")) for i in range(5)]
+        r = redis.Redis.from_url(redis_server.url)
+        while r.xpending(keys.jobs_stream(MODEL), keys.WORKER_GROUP)["pending"] < 6:
+            await asyncio.sleep(0.05)  # all six are held by the first worker
+        assert await asyncio.to_thread(first.proc.wait, 30) == 1
+        started = time.monotonic()
+        second = start_worker(redis_server.url, tmp_path, *args)
+        vectors = await asyncio.wait_for(asyncio.gather(*innocent), timeout=20)
+        assert all(v.shape == (1, 384) for v in vectors)
+        assert time.monotonic() - started < 15  # the lease alone is 30 s
+        with pytest.raises(BackendError, match="deliveries"):
+            await hung
+    second.kill()
+
+
 @pytest.mark.parametrize("stable_name", [True, False], ids=["same-consumer-name", "new-consumer-name"])
 async def test_kill_9_mid_load_then_restart_loses_nothing(
     redis_server: RedisServer, tmp_path: Path, stable_name: bool

@@ -198,15 +198,25 @@ class Worker:
         ]
         replier = asyncio.create_task(self._replier_loop(), name="replier")
         work: asyncio.Task[None] | None = None
+        faulted = False
         try:
             if self.config.consumer_name:
                 await self._admit_all(await self.stream.read_own_pending())
             work = asyncio.create_task(self._work_then_drain(), name="work")
             await self._supervise(work, [*background, replier])
+        except WorkerFault:
+            faulted = True
+            raise
         finally:
             self._closing = True
             await cancel_tasks([t for t in (work, *background, replier) if t is not None])
             try:
+                if faulted and self.active:
+                    # This process is about to exit with jobs in hand (a hung model, a
+                    # failed task): let other workers take them now, not after a lease.
+                    held = [job.delivery for job in self.active.values()]
+                    await self.stream.release(held, idle_ms=self.config.lease_ms)
+                    log.warning("released %d held jobs to other workers", len(held))
                 await self.stream.leave(self.name)
             except RedisError:
                 pass
@@ -763,7 +773,7 @@ class Worker:
         run alone as redeliveries, and dead-lettered if they hang every worker they reach.
         """
         while not self._closing:
-            await asyncio.sleep(self.config.lease_ms / 3000)
+            await asyncio.sleep(min(self.config.lease_ms / 3000, self.config.max_batch_seconds / 2))
             started = self._batch_started
             if started is not None and time.monotonic() - started > self.config.max_batch_seconds:
                 raise WorkerFault(

@@ -205,6 +205,14 @@ class JobStream:
             owned_keys.update((stream, x if isinstance(x, bytes) else str(x).encode()) for x in owned)
         return owned_keys
 
+    async def release(self, held: Iterable[Delivery], *, idle_ms: int) -> None:
+        """Mark held entries idle for ``idle_ms`` (no delivery counted), so that other
+        workers' XAUTOCLAIM takes them at once instead of after a whole lease."""
+        pipe = self.redis.pipeline(transaction=False)
+        for stream, ids in _by_stream(held).items():
+            pipe.xclaim(stream, self.group, self.consumer, 0, ids, idle=idle_ms + 1, justid=True)
+        await pipe.execute()
+
     async def reply_and_ack(self, replies: Sequence[OutgoingReply]) -> list[tuple[OutgoingReply, Exception]]:
         """Write replies, then acknowledge and delete the requests whose reply was written.
 
