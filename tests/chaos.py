@@ -62,6 +62,7 @@ class Figures:
     duplicate_answers: int = 0
     recovery_s: float | None = None
     p99_ms: float = 0.0
+    max_ms: float = 0.0
     notes: list[str] = field(default_factory=list)
 
     def row(self) -> list[str]:
@@ -69,12 +70,13 @@ class Figures:
         return [
             self.scenario, str(self.sent), str(self.acknowledged), str(self.answered), str(self.typed_errors),
             str(self.lost), str(self.redelivered), str(self.duplicates_dropped), str(self.duplicate_answers),
-            rec, f"{self.p99_ms:.0f}",
+            rec, f"{self.p99_ms:.0f}", f"{self.max_ms:.0f}",
         ]  # fmt: skip
 
 
 HEADER = ["scenario", "sent", "acknowledged", "answered", "typed errors", "lost", "redelivered",
-          "duplicate replies dropped", "duplicate answers surfaced", "recovery (s)", "p99 (ms)"]  # fmt: skip
+          "duplicate replies dropped", "duplicate answers surfaced", "recovery (s)", "p99 (ms)",
+          "max (ms)"]  # fmt: skip
 
 
 class Cluster:
@@ -219,6 +221,7 @@ async def run_scenario(
     fig.duplicate_answers = sum(1 for c in answers.values() if c > 1)
     if latencies:
         fig.p99_ms = float(np.percentile(latencies, 99) * 1000)
+        fig.max_ms = max(latencies) * 1000
     if fault_at and first_after:
         fig.recovery_s = max(0.0, min(first_after) - fault_at[0])
     return fig
@@ -230,9 +233,22 @@ async def kill_worker_restart(c: Cluster) -> None:
 
 
 async def kill_one_of_two_workers(c: Cluster) -> None:
+    """Kill a worker at a moment it holds jobs; it is not restarted, so the survivor
+    must reclaim them once their lease lapses."""
+    r = redis.Redis.from_url(c.url)
     victim = c.workers[0]
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        summary = r.xpending(keys.jobs_stream(MODEL), keys.WORKER_GROUP)
+        held = {row["name"].decode(): int(row["pending"]) for row in summary.get("consumers") or []}
+        # Consumer names are <host>-<pid>-<random>.
+        busy = [w for w in c.workers if any(f"-{w.proc.pid}-" in n and p > 0 for n, p in held.items())]
+        if busy:
+            victim = busy[0]
+            break
+        await asyncio.sleep(0.005)
     victim.kill()
-    c.workers.remove(victim)  # not restarted: the survivor reclaims its leases
+    c.workers.remove(victim)
 
 
 def kill_redis(down_s: float) -> Fault:

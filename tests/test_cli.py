@@ -169,8 +169,10 @@ def test_dlq_list_show_replay_purge(redis_server: RedisServer, tmp_path: Path) -
     r.xgroup_create(stream, keys.WORKER_GROUP, id="0", mkstream=True)
     job = Job(id="dlq-job-1", kind="embed", model=MODEL, inputs=["replay me"],
               reply_to="embedq:reply:dlq-test", created_ms=now_ms())  # fmt: skip
-    r.xadd(stream, {keys.JOB_FIELD: pack_job(job)})
-    r.xreadgroup(keys.WORKER_GROUP, "ghost", {stream: ">"}, count=1)  # taken by a worker that died
+    entry_id = r.xadd(stream, {keys.JOB_FIELD: pack_job(job)})
+    # Taken by a worker that died computing it (it had marked the job before its forward pass).
+    r.xreadgroup(keys.WORKER_GROUP, "ghost", {stream: ">"}, count=1)
+    r.hincrby(keys.suspects_key(MODEL), f"interactive:{entry_id.decode()}", 1)
     r.xadd(stream, {keys.JOB_FIELD: b"\xc1 not msgpack"})
     worker = start_worker(redis_server.url, tmp_path, "--backend", "fake", "--max-deliveries", "1",
                           "--lease-ms", "1000")  # fmt: skip

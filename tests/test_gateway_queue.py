@@ -118,7 +118,7 @@ def test_backlog_admission_answers_429_at_once(redis_server: RedisServer, tmp_pa
                 backlog = next(
                     float(line.rsplit(" ", 1)[1])
                     for line in scrape.splitlines()
-                    if line.startswith(f'embedq_queue_backlog{{model="{MODEL}"}}')
+                    if line.startswith(f'embedq_queue_backlog{{lane="interactive",model="{MODEL}"}}')
                 )
                 assert backlog >= 5
                 worker.proc.send_signal(signal.SIGCONT)
