@@ -90,6 +90,7 @@ class AsyncClient:
         client_id: str | None = None,
         redis_settings: RedisSettings | None = None,
         cache_ttl_s: int = 0,
+        max_in_flight: int = 4096,
     ) -> None:
         self.model = keys.check_model_name(model)
         self.timeout = timeout
@@ -106,6 +107,11 @@ class AsyncClient:
         # Request streams this client has queued to (see _enqueue).
         self._known_streams: set[str] = set()
         self.resubmitted = 0
+        if max_in_flight < 1:
+            raise ValueError("max_in_flight must be at least 1")
+        # Requests beyond this many wait for a slot: the client's memory stays bounded
+        # however many callers there are.
+        self._slots = asyncio.Semaphore(max_in_flight)
         # Cache `embed` results in Redis for this many seconds (0: no cache).
         self.cache_ttl_s = cache_ttl_s
         self.cache: EmbeddingCache | None = None
@@ -215,9 +221,14 @@ class AsyncClient:
             self._in_flight[job.id] = (stream, payload)
             return await waiter
 
+        async def within_slot() -> Reply:
+            async with self._slots:
+                return await round_trip()
+
         try:
-            # The deadline covers the enqueue too: a stalled Redis cannot hang a caller.
-            return await asyncio.wait_for(round_trip(), timeout if timeout > 0 else None)
+            # The deadline covers the wait for a slot and the enqueue too: a stalled
+            # Redis cannot hang a caller.
+            return await asyncio.wait_for(within_slot(), timeout if timeout > 0 else None)
         except asyncio.TimeoutError:
             raise RequestTimeoutError(
                 f"no reply for request {job.id} to model {model!r} within {timeout:g}s"

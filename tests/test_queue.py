@@ -538,3 +538,19 @@ async def test_stream_lost_with_redis_data_is_waited_for(redis_server: RedisServ
     finally:
         worker.proc.send_signal(signal.SIGCONT)
         worker.stop()
+
+
+async def test_client_bounds_its_requests_in_flight(redis_server: RedisServer, tmp_path: Path) -> None:
+    worker = start_worker(redis_server.url, tmp_path, *FAKE, "--fake-delay-us-per-token", "20000")
+    r = redis.Redis.from_url(redis_server.url)
+    try:
+        async with AsyncClient(redis_server.url, model=MODEL, max_in_flight=3, timeout=60) as c:
+            tasks = [asyncio.create_task(c.embed(f"slow {i}")) for i in range(12)]
+            peak = 0
+            while not all(t.done() for t in tasks):
+                peak = max(peak, r.xlen(keys.jobs_stream(MODEL)))
+                await asyncio.sleep(0.005)
+            assert all(t.result().shape == (1, 384) for t in tasks)
+        assert 1 <= peak <= 3
+    finally:
+        worker.stop()
