@@ -17,6 +17,7 @@ from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from embedq.common import keys
+from embedq.common.aio import cancel_tasks
 from embedq.common.codec import vectors_from_bytes
 from embedq.common.errors import (
     EmbedqError,
@@ -59,6 +60,8 @@ Texts = str | Sequence[str] | Sequence[int] | Sequence[Sequence[int]]
 # How long a request stream that existed may be missing (a Redis restarted without
 # persistence, until a worker re-creates it) before its model counts as not served.
 STREAM_GONE_GRACE_S = 5.0
+# How long a resubmission after an outage keeps trying before the next reconnect retries.
+RESUBMIT_WINDOW_S = 10.0
 
 
 def _as_inputs(texts: Texts) -> list[Any]:
@@ -106,7 +109,8 @@ class AsyncClient:
         self._in_flight: dict[str, tuple[str, bytes]] = {}
         # Request streams this client has queued to (see _enqueue).
         self._known_streams: set[str] = set()
-        self.resubmitted = 0
+        # Resubmissions under way (a reference keeps each task alive until it ends).
+        self._background: set[asyncio.Task[None]] = set()
         if max_in_flight < 1:
             raise ValueError("max_in_flight must be at least 1")
         # Requests beyond this many wait for a slot: the client's memory stays bounded
@@ -134,6 +138,7 @@ class AsyncClient:
         self._submitter.start()
 
     async def close(self) -> None:
+        await cancel_tasks(list(self._background))
         if self._submitter is not None:
             await self._submitter.close()
         if self._reader is not None:
@@ -275,27 +280,20 @@ class AsyncClient:
         it. Jobs that survived run twice at worst; their second answer is dropped."""
         if self._in_flight:
             log.warning("Redis is back: resubmitting %d jobs still awaiting replies", len(self._in_flight))
-            asyncio.get_running_loop().create_task(self._resubmit(dict(self._in_flight)))
+            task = asyncio.get_running_loop().create_task(self._resubmit(dict(self._in_flight)))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
 
     async def _resubmit(self, jobs: dict[str, tuple[str, bytes]]) -> None:
-        for _attempt in range(20):
-            missing_stream: dict[str, tuple[str, bytes]] = {}
-            for request_id, (stream, payload) in jobs.items():
-                if request_id not in self._in_flight:
-                    continue  # answered meanwhile
-                try:
-                    if not await self._submitter.submit(stream, payload):  # type: ignore[union-attr]
-                        missing_stream[request_id] = (stream, payload)
-                    else:
-                        self.resubmitted += 1
-                except RedisError as exc:
-                    log.warning("resubmission failed: %s", exc)
-                    return  # the next reconnect tries again
-            if not missing_stream:
-                return
-            # A Redis that lost its data gets the stream back when a worker re-creates it.
-            jobs = missing_stream
-            await asyncio.sleep(0.5)
+        async def again(request_id: str, stream: str, payload: bytes) -> None:
+            if request_id in self._in_flight:  # not answered meanwhile
+                await self._enqueue(stream, payload)
+
+        try:
+            resend = asyncio.gather(*(again(i, stream, payload) for i, (stream, payload) in jobs.items()))
+            await asyncio.wait_for(resend, RESUBMIT_WINDOW_S)
+        except (asyncio.TimeoutError, EmbedqError) as exc:
+            log.warning("resubmission incomplete (%r); the next reconnect tries again", exc)
 
     # ---------------------------------------------------------------- embeddings
     async def embed(
