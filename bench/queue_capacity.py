@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import statistics
 import subprocess
 import sys
@@ -46,18 +47,32 @@ async def closed_loop(
     return time.perf_counter() - start, latencies
 
 
-async def measure(url: str, args: argparse.Namespace) -> None:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def measure(url: str, args: argparse.Namespace, pids: dict[str, int]) -> None:
     async with AsyncClient(url, model=MODEL, timeout=120) as client:
         await closed_loop(client, 500, 32, 1)  # warm-up
-        for inputs, total in ((1, args.requests), (32, args.requests // 8)):
+        for inputs in args.inputs:
+            total = max(args.requests // inputs * 4, 200) if inputs > 1 else args.requests
+            cpu_before = {name: cpu_seconds(pid) for name, pid in pids.items()}
             seconds, lat = await closed_loop(client, total, args.concurrency, inputs)
+            # CPU per request of each process: steadier than req/s on a shared machine.
+            cpu_us = {
+                name: (cpu_seconds(pid) - cpu_before[name]) / total * 1e6 for name, pid in pids.items()
+            }
             lat.sort()
             p50 = statistics.median(lat) * 1000
             p99 = lat[int(len(lat) * 0.99) - 1] * 1000
             print(
                 f"{inputs:>3}-input requests: {total / seconds:9.0f} req/s  "
                 f"{total * inputs / seconds:9.0f} embeddings/s  p50 {p50:6.1f} ms  p99 {p99:6.1f} ms "
-                f"(concurrency {args.concurrency})",
+                f"(concurrency {args.concurrency})\n"
+                f"      CPU µs per request: "
+                + "  ".join(f"{name} {us:.0f}" for name, us in cpu_us.items()),
                 flush=True,
             )
 
@@ -66,6 +81,12 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--requests", type=int, default=20000)
     p.add_argument("--concurrency", type=int, default=256)
+    p.add_argument(
+        "--inputs",
+        type=lambda v: [int(x) for x in v.split(",")],
+        default=[1, 32],
+        help="inputs per request, one measurement each (comma-separated)",
+    )
     args = p.parse_args()
     with tempfile.TemporaryDirectory(prefix="embedq-cap-") as tmp, RedisServer(Path(tmp)) as server:
         worker = subprocess.Popen(
@@ -92,7 +113,8 @@ def main() -> int:
                 if worker.poll() is not None:
                     raise SystemExit("worker exited at start")
                 time.sleep(0.1)
-            asyncio.run(measure(server.url, args))
+            pids = {"client": os.getpid(), "worker": worker.pid, "redis": server.proc.pid}
+            asyncio.run(measure(server.url, args, pids))
         finally:
             worker.terminate()
             worker.wait(timeout=60)

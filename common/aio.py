@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterable
+import sys
+from collections.abc import Awaitable, Iterable
+from typing import TypeVar
+
+T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
@@ -24,3 +28,16 @@ async def cancel_tasks(tasks: Iterable[asyncio.Task[object]], timeout: float = 5
         _done, pending = await asyncio.wait(pending, timeout=0.25)
     for task in pending:
         log.warning("task %s did not stop within %.1fs", task.get_name(), timeout)
+
+
+async def within(aw: Awaitable[T], seconds: float | None) -> T:
+    """``await aw`` with a deadline (None: none); raises TimeoutError when it passes.
+
+    On Python 3.11+ this runs ``aw`` in the caller's task; asyncio.wait_for wraps it in a
+    task of its own, a cost paid per request.
+    """
+    if sys.version_info >= (3, 11):
+        async with asyncio.timeout(seconds):
+            return await aw
+    return await asyncio.wait_for(aw, seconds)
+

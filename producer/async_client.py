@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections import deque
@@ -17,7 +18,7 @@ from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from embedq.common import keys
-from embedq.common.aio import cancel_tasks
+from embedq.common.aio import cancel_tasks, within
 from embedq.common.codec import vectors_from_bytes
 from embedq.common.errors import (
     EmbedqError,
@@ -233,7 +234,7 @@ class AsyncClient:
         try:
             # The deadline covers the wait for a slot and the enqueue too: a stalled
             # Redis cannot hang a caller.
-            return await asyncio.wait_for(within_slot(), timeout if timeout > 0 else None)
+            return await within(within_slot(), timeout if timeout > 0 else None)
         except asyncio.TimeoutError:
             raise RequestTimeoutError(
                 f"no reply for request {job.id} to model {model!r} within {timeout:g}s"
@@ -466,6 +467,20 @@ def predict_inputs(inputs: Any) -> list[Any]:
 
 def _params(model: type[BaseModel], **values: Any) -> dict[str, Any]:
     """Validated job parameters, without the defaults (smaller jobs)."""
+    try:
+        # A copy: callers may add to it, and the cached dict is shared.
+        return dict(_validated_params(model, tuple(sorted(values.items()))))
+    except TypeError:  # an unhashable value: validate it uncached
+        return _validate_params(model, values)
+
+
+@functools.lru_cache(maxsize=256)
+def _validated_params(model: type[BaseModel], values: tuple[tuple[str, Any], ...]) -> dict[str, Any]:
+    # Programs send the same few parameter sets over and over: validate each once.
+    return _validate_params(model, dict(values))
+
+
+def _validate_params(model: type[BaseModel], values: dict[str, Any]) -> dict[str, Any]:
     try:
         return model(**values).model_dump(exclude_defaults=True)
     except PydanticValidationError as exc:

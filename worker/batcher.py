@@ -6,6 +6,9 @@ Policy (better than strict FIFO, and starvation-free):
   anchors a batch at least once every ``bulk_every`` batches, so bulk work keeps
   moving under a steady interactive load (ageing);
 - every batch contains its lane's oldest waiting sequence, so nothing waits forever;
+- a batch anchored at an interactive sequence grows over interactive sequences only,
+  then fills its free rows with bulk ones no longer than its longest: bulk work never
+  widens (slows down) a query's batch;
 - around it, the batch takes neighbours in token-length order, growing towards the
   side that adds the least padding, so lengths in a batch are close and padding stays
   near zero when a backlog exists;
@@ -17,8 +20,8 @@ from __future__ import annotations
 import bisect
 import heapq
 import itertools
-from dataclasses import dataclass, field
-from typing import Generic, TypeVar
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
 
@@ -36,11 +39,10 @@ class BatchLimits:
             raise ValueError("batch limits must be positive")
 
 
-@dataclass(order=True)
-class _Entry(Generic[T]):
-    length: int
-    seq: int
-    item: T = field(compare=False)
+# A waiting sequence: (length, seq, item). Plain tuples sort by (length, seq) in C, and
+# seq is unique, so the item itself is never compared.
+_Entry = tuple[int, int, Any]
+_LENGTH, _SEQ, _ITEM = 0, 1, 2
 
 
 @dataclass(frozen=True)
@@ -62,7 +64,9 @@ class Batcher(Generic[T]):
 
     def __init__(self, limits: BatchLimits) -> None:
         self._limits = limits
-        self._by_length: list[_Entry[T]] = []
+        self._by_length: list[_Entry] = []
+        # The urgent entries again, by length: an urgent-anchored batch grows over these.
+        self._urgent_by_length: list[_Entry] = []
         # Per lane (urgent first), a heap of seq numbers, lazily cleaned.
         self._by_age: tuple[list[int], list[int]] = ([], [])
         # Length of every waiting seq number (finds its place in _by_length by bisection).
@@ -83,7 +87,9 @@ class Batcher(Generic[T]):
         if length < 1:
             raise ValueError("a sequence has at least one token")
         seq = next(self._counter)
-        bisect.insort(self._by_length, _Entry(length, seq, item))
+        bisect.insort(self._by_length, (length, seq, item))
+        if urgent:
+            bisect.insort(self._urgent_by_length, (length, seq, item))
         heapq.heappush(self._by_age[0 if urgent else 1], seq)
         self._live[seq] = length
         self._tokens += length
@@ -94,47 +100,44 @@ class Batcher(Generic[T]):
             heapq.heappop(heap)
         return heap[0] if heap else None
 
-    def _anchor_seq(self) -> int:
+    def _anchor_seq(self) -> tuple[int, bool]:
+        """The seq number the next batch starts from, and whether it is urgent."""
         urgent, bulk = self._oldest(0), self._oldest(1)
         if urgent is None or (bulk is not None and self._urgent_batches >= self._limits.bulk_every):
             self._urgent_batches = 0
             assert bulk is not None
-            return bulk
+            return bulk, False
         if bulk is not None:
             self._urgent_batches += 1
-        return urgent
+        return urgent, True
 
     def _fits(self, longest: int, lengths_sum: int, count: int) -> bool:
         cost = longest * count if self._limits.padded else lengths_sum
         return cost <= self._limits.max_batch_tokens
 
-    def _padding_left(self, entries: list[_Entry[T]], lo: int, hi: int) -> int:
-        return entries[hi].length - entries[lo - 1].length if self._limits.padded else 0
+    def _padding_left(self, entries: list[_Entry], lo: int, hi: int) -> int:
+        return entries[hi][_LENGTH] - entries[lo - 1][_LENGTH] if self._limits.padded else 0
 
-    def _padding_right(self, entries: list[_Entry[T]], hi: int, count: int) -> int:
-        return (entries[hi + 1].length - entries[hi].length) * count if self._limits.padded else 0
+    def _padding_right(self, entries: list[_Entry], hi: int, count: int) -> int:
+        return (entries[hi + 1][_LENGTH] - entries[hi][_LENGTH]) * count if self._limits.padded else 0
 
-    def next_batch(self) -> Batch[T] | None:
-        if not self._by_length:
-            return None
-        oldest = self._anchor_seq()
-        entries = self._by_length
-        # Entries sort by (length, seq): bisection finds the anchor without a scan.
-        anchor = bisect.bisect_left(entries, _Entry(self._live[oldest], oldest, None))  # type: ignore[arg-type]
-
+    def _grow(self, entries: list[_Entry], anchor: int) -> tuple[int, int]:
+        """The slice [lo, hi] of ``entries`` (sorted by length) cut around ``anchor``."""
         lo = hi = anchor
-        total = entries[anchor].length
+        total = entries[anchor][_LENGTH]
         limits = self._limits
         while hi - lo + 1 < limits.max_batch_size:
             count = hi - lo + 1
-            longest = entries[hi].length  # sorted by length: the longest is at hi
+            longest = entries[hi][_LENGTH]  # sorted by length: the longest is at hi
             left = (
-                lo - 1 if lo > 0 and self._fits(longest, total + entries[lo - 1].length, count + 1) else None
+                lo - 1
+                if lo > 0 and self._fits(longest, total + entries[lo - 1][_LENGTH], count + 1)
+                else None
             )
             right = (
                 hi + 1
                 if hi + 1 < len(entries)
-                and self._fits(entries[hi + 1].length, total + entries[hi + 1].length, count + 1)
+                and self._fits(entries[hi + 1][_LENGTH], total + entries[hi + 1][_LENGTH], count + 1)
                 else None
             )
             if left is None and right is None:
@@ -146,14 +149,77 @@ class Batcher(Generic[T]):
                 and self._padding_left(entries, lo, hi) <= self._padding_right(entries, hi, count)
             ):
                 lo -= 1
-                total += entries[lo].length
+                total += entries[lo][_LENGTH]
             else:
                 hi += 1
-                total += entries[hi].length
+                total += entries[hi][_LENGTH]
+        return lo, hi
 
-        chosen = entries[lo : hi + 1]
-        del entries[lo : hi + 1]
+    def next_batch(self) -> Batch[T] | None:
+        if not self._by_length:
+            return None
+        oldest, urgent = self._anchor_seq()
+        key = (self._live[oldest], oldest)
+        if urgent and len(self._urgent_by_length) < len(self._by_length):
+            chosen = self._urgent_batch(key)
+        else:
+            entries = self._by_length
+            # Entries sort by (length, seq): bisection finds the anchor without a scan.
+            lo, hi = self._grow(entries, bisect.bisect_left(entries, key))
+            chosen = entries[lo : hi + 1]
+            del entries[lo : hi + 1]
+            if self._urgent_by_length:  # urgent neighbours of a bulk anchor ride along
+                _remove(self._urgent_by_length, chosen)
         for e in chosen:
-            del self._live[e.seq]
-            self._tokens -= e.length
-        return Batch(items=[e.item for e in chosen], lengths=[e.length for e in chosen])
+            del self._live[e[_SEQ]]
+            self._tokens -= e[_LENGTH]
+        return Batch(items=[e[_ITEM] for e in chosen], lengths=[e[_LENGTH] for e in chosen])
+
+    def _urgent_batch(self, key: tuple[int, int]) -> list[_Entry]:
+        """Urgent sequences around the anchor, then free rows for bulk ones no longer than
+        the longest taken, the longest first (the least padding).
+
+        Growing over the whole pool instead let queries' batches eat the short end of a
+        backfill, until every query rode with ~100-token bulk neighbours and its batch
+        cost as much as a bulk one (bench/lanes_latency.py).
+        """
+        urgent = self._urgent_by_length
+        lo, hi = self._grow(urgent, bisect.bisect_left(urgent, key))
+        chosen = urgent[lo : hi + 1]
+        del urgent[lo : hi + 1]
+        entries = self._by_length
+        _remove(entries, chosen)
+        longest = chosen[-1][_LENGTH]
+        total = sum(e[_LENGTH] for e in chosen)
+        taken = len(chosen)
+        # Downwards from the last entry no longer than the batch's longest.
+        i = bisect.bisect_left(entries, (longest + 1,))
+        while i > 0 and taken < self._limits.max_batch_size:
+            i -= 1
+            e = entries[i]
+            if _contains(urgent, e):
+                continue  # left out of the urgent cut: it did not fit
+            if not self._fits(longest, total + e[_LENGTH], taken + 1):
+                break
+            chosen.append(e)
+            del entries[i]  # below i nothing moves
+            total += e[_LENGTH]
+            taken += 1
+        return chosen
+
+
+def _contains(entries: list[_Entry], e: _Entry) -> bool:
+    i = bisect.bisect_left(entries, (e[_LENGTH], e[_SEQ]))
+    return i < len(entries) and entries[i][_SEQ] == e[_SEQ]
+
+
+def _remove(entries: list[_Entry], gone: list[_Entry]) -> None:
+    """Delete ``gone`` from the sorted ``entries`` (those it holds)."""
+    if len(gone) <= 32:
+        for e in gone:
+            i = bisect.bisect_left(entries, (e[_LENGTH], e[_SEQ]))
+            if i < len(entries) and entries[i][_SEQ] == e[_SEQ]:
+                del entries[i]
+    else:  # one linear pass beats many list deletions
+        seqs = {e[_SEQ] for e in gone}
+        entries[:] = [e for e in entries if e[_SEQ] not in seqs]

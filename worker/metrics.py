@@ -56,6 +56,16 @@ class WorkerMetrics:
         self._labels = labels
         self._last_heartbeat = time.monotonic()
         self.heartbeat_age.labels(**labels).set_function(lambda: time.monotonic() - self._last_heartbeat)
+        # Labelled children of the per-job and per-batch metrics, looked up once: a
+        # labels() call costs more than the observation itself.
+        self._batch_size = self.batch_size.labels(**labels)
+        self._batch_tokens = self.batch_tokens.labels(**labels)
+        self._inference_s = self.inference_s.labels(**labels)
+        self._padding = self.padding.labels(**labels)
+        self._queue_s = self.queue_s.labels(**labels)
+        self._tokenize_s = self.tokenize_s.labels(**labels)
+        self._redelivered = self.redelivered.labels(**labels)
+        self._jobs: dict[tuple[str, str], Counter] = {}
 
     def serve(self, port: int, host: str = "0.0.0.0") -> None:
         start_http_server(port, addr=host, registry=self.registry)
@@ -64,21 +74,24 @@ class WorkerMetrics:
         self._last_heartbeat = time.monotonic()
 
     def batch(self, size: int, tokens: int, seconds: float, efficiency: float) -> None:
-        self.batch_size.labels(**self._labels).observe(size)
-        self.batch_tokens.labels(**self._labels).observe(tokens)
-        self.inference_s.labels(**self._labels).observe(seconds)
-        self.padding.labels(**self._labels).set(efficiency)
+        self._batch_size.observe(size)
+        self._batch_tokens.observe(tokens)
+        self._inference_s.observe(seconds)
+        self._padding.set(efficiency)
 
     def admitted(self, queue_s: float, deliveries: int) -> None:
-        self.queue_s.labels(**self._labels).observe(queue_s)
+        self._queue_s.observe(queue_s)
         if deliveries > 1:
-            self.redelivered.labels(**self._labels).inc()
+            self._redelivered.inc()
 
     def tokenized(self, seconds: float) -> None:
-        self.tokenize_s.labels(**self._labels).observe(seconds)
+        self._tokenize_s.observe(seconds)
 
-    def answered(self, kind: str, outcome: str) -> None:
-        self.jobs.labels(**self._labels, kind=kind, outcome=outcome).inc()
+    def answered(self, kind: str, outcome: str, count: int = 1) -> None:
+        child = self._jobs.get((kind, outcome))
+        if child is None:
+            child = self._jobs[(kind, outcome)] = self.jobs.labels(**self._labels, kind=kind, outcome=outcome)
+        child.inc(count)
 
     def dead_lettered(self, reason: str) -> None:
         self.dead_letters.labels(**self._labels, reason=reason).inc()

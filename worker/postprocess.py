@@ -24,6 +24,7 @@ def finish_vectors(pooled: np.ndarray, *, dimensions: int | None, normalize: boo
     out = pooled[:, :dimensions] if dimensions else pooled
     out = np.asarray(out, dtype=np.float32)
     if normalize:
-        norms = np.linalg.norm(out, axis=1, keepdims=True)
+        # einsum + sqrt: the same norms as np.linalg.norm, at a fraction of its per-call cost.
+        norms = np.sqrt(np.einsum("ij,ij->i", out, out))[:, None]
         out = out / np.maximum(norms, 1e-12)
     return np.ascontiguousarray(out)

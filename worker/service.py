@@ -84,8 +84,11 @@ READ_BLOCK_MS = 1000
 FULL_READ_BLOCK_MS = 50
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(eq=False, slots=True)
 class _Seq:
+    """One input of a job in the batcher (not frozen: one is made per input, and a
+    frozen dataclass's __init__ costs several times more)."""
+
     job: ActiveJob
     index: int
     ids: list[int]

@@ -34,6 +34,15 @@ return owned
 """
 
 
+# One more unfinished forward pass for each field (one command for a whole batch).
+_MARK_SUSPECTS_SCRIPT = """
+for i = 1, #ARGV do
+  redis.call('HINCRBY', KEYS[1], ARGV[i], 1)
+end
+return #ARGV
+"""
+
+
 @dataclass(frozen=True)
 class Delivery:
     entry_id: bytes
@@ -88,6 +97,7 @@ class JobStream:
         self.group = keys.WORKER_GROUP
         self._reply_ttl_ms = reply_ttl_s * 1000
         self._renew = redis.register_script(_RENEW_SCRIPT)
+        self._mark_suspects = redis.register_script(_MARK_SUSPECTS_SCRIPT)
         self._info: dict[str, str] | None = None
 
     async def ensure_group(self) -> None:
@@ -223,11 +233,11 @@ class JobStream:
         pipe = self.redis.pipeline(transaction=False)
         for r in replies:
             pipe.xadd(r.reply_to, {keys.REPLY_FIELD: r.payload})
-            pipe.pexpire(r.reply_to, self._reply_ttl_ms)
+        # One expiry per reply stream, after its last reply (a client's replies share one).
+        for reply_to in dict.fromkeys(r.reply_to for r in replies):
+            pipe.pexpire(reply_to, self._reply_ttl_ms)
         results = await pipe.execute(raise_on_error=False)
-        failed = [
-            (r, res) for r, res in zip(replies, results[::2], strict=True) if isinstance(res, Exception)
-        ]
+        failed = [(r, res) for r, res in zip(replies, results, strict=False) if isinstance(res, Exception)]
         refused = {id(r) for r, _ in failed}
         await self.ack([r.delivery for r in replies if id(r) not in refused])
         return failed
@@ -240,10 +250,8 @@ class JobStream:
         """Count one more forward pass for these jobs, before it starts: if the process
         dies in it, their next worker knows they were in the batch, not just held."""
         fields = {self._suspect_field(d) for d in deliveries}
-        pipe = self.redis.pipeline(transaction=False)
-        for f in fields:
-            pipe.hincrby(self.suspects, f, 1)
-        await pipe.execute()
+        if fields:
+            await self._mark_suspects(keys=[self.suspects], args=sorted(fields))
 
     async def suspicion(self, deliveries: Sequence[Delivery]) -> list[int]:
         """Unfinished forward passes of each job (0 for a job never in one)."""

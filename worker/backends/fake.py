@@ -7,6 +7,7 @@ any process, at a few microseconds a row, so capacity runs measure the queue.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import time
@@ -34,6 +35,7 @@ class FakeTokenizer:
         self.vocab_size = _VOCAB
 
     @staticmethod
+    @functools.lru_cache(maxsize=1 << 16)  # text repeats its words; hashing each costs µs
     def _word_id(word: str) -> int:
         digest = hashlib.blake2b(word.encode("utf-8"), digest_size=4).digest()
         return 1000 + int.from_bytes(digest, "little") % (_VOCAB - 1000)
@@ -96,7 +98,9 @@ class FakeBackend:
             revision=f"fake-{self.dim}",
         )
         self._delay_per_token = config.fake_delay_us_per_token / 1e6
-        self._table = np.random.default_rng(0).standard_normal((_TABLE_ROWS, self.dim), dtype=np.float32)
+        table = np.random.default_rng(0).standard_normal((_TABLE_ROWS, self.dim), dtype=np.float32)
+        # A zero row past the end, where padded positions point.
+        self._table = np.vstack([table, np.zeros((1, self.dim), dtype=np.float32)])
         self._raise_id = FakeTokenizer._word_id(RAISE_WORD)
         self._crash_id = FakeTokenizer._word_id(CRASH_WORD)
         self._hang_id = FakeTokenizer._word_id(HANG_WORD)
@@ -109,10 +113,15 @@ class FakeBackend:
                 raise RuntimeError("poison input")
             if self._hang_id in ids:
                 time.sleep(24 * 3600)  # a model stuck in native code
-        out = np.empty((len(batch), self.dim), dtype=np.float32)
-        for row, ids in enumerate(batch):
-            arr = np.asarray(ids, dtype=np.int64)
-            out[row] = self._table[(arr * 31 + np.arange(len(arr)) * 7919) % _TABLE_ROWS].sum(axis=0)
+        # One gather for the whole batch: padding points at the table's zero row.
+        lengths = np.fromiter((len(ids) for ids in batch), dtype=np.int64, count=len(batch))
+        width = int(lengths.max())
+        ids = np.zeros((len(batch), width), dtype=np.int64)
+        for row, seq in enumerate(batch):
+            ids[row, : len(seq)] = seq
+        rows = (ids * 31 + np.arange(width) * 7919) % _TABLE_ROWS
+        rows[np.arange(width)[None, :] >= lengths[:, None]] = _TABLE_ROWS
+        out = self._table[rows].sum(axis=1)
         if self._delay_per_token:
             time.sleep(self._delay_per_token * sum(len(ids) for ids in batch))
         return out
