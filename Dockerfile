@@ -126,4 +126,6 @@ HEALTHCHECK --interval=15s --timeout=5s --start-period=300s --retries=3 \
     CMD ["embedq-healthcheck", "http://127.0.0.1:${EMBEDQ_METRICS_PORT:-9401}/metrics", \
          "--metric", "embedq_worker_heartbeat_age_seconds", "--max", "30"]
 ENTRYPOINT ["embedq"]
-CMD ["worker"]
+# One worker process per GPU the container is given, each restarted if it dies; the
+# first serves its metrics on 9401 (the probe's port), the next ones on 9402, ...
+CMD ["worker", "--devices", "all"]

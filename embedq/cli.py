@@ -7,6 +7,7 @@ import argparse
 import logging
 import os
 import signal
+import sys
 from pathlib import Path
 
 from embedq.common.settings import DEFAULT_REDIS_URL
@@ -14,7 +15,24 @@ from embedq.ingest import add_embed_file_arguments
 from embedq.logs import setup_logging
 
 
-def _cmd_worker(ns: argparse.Namespace) -> int:
+def _cmd_supervisor(ns: argparse.Namespace, argv: list[str]) -> int:
+    """`embedq worker --devices ...`: one worker process per device, restarted when it dies."""
+    from embedq.worker.config import ConfigError
+    from embedq.worker.model_files import ModelFolderError
+    from embedq.worker.supervisor import SupervisorError, run_supervisor, supervisor_config_from_args
+
+    try:
+        config = supervisor_config_from_args(ns, argv, environ=os.environ)
+    except (ConfigError, ModelFolderError, SupervisorError, ValueError) as exc:
+        logging.getLogger("embedq").error("%s", exc)
+        return 2
+    code: int = run_supervisor(config, os.environ)
+    return code
+
+
+def _cmd_worker(ns: argparse.Namespace, argv: list[str]) -> int:
+    if ns.devices:
+        return _cmd_supervisor(ns, argv)
     from embedq.worker.config import ConfigError, config_from_args
     from embedq.worker.main import run_worker
     from embedq.worker.model_files import ModelFolderError
@@ -226,6 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     ns, rest = parser.parse_known_args(argv)
     json_output = bool(ns.json_output or getattr(ns, "json_output_sub", False)) or "--json-output" in rest
@@ -244,4 +263,4 @@ def main(argv: list[str] | None = None) -> int:
         return _cmd_exporter(ns)
     if ns.command == "embed-file":
         return _cmd_embed_file(ns)
-    return _cmd_worker(ns)
+    return _cmd_worker(ns, argv)

@@ -135,6 +135,12 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
     a("--redis-url", default=_env("embedq_redis_url", DEFAULT_REDIS_URL))
     a("--backend", choices=["torch", "fake"], default=_env("embedq_backend", "torch"))
     a("--device", default=_env("embedq_device", "cpu"), help="cpu or cuda:N")
+    a(
+        "--devices",
+        default=_env("embedq_devices"),
+        help="run one worker process per device under a supervisor that restarts them: "
+        "all (every CUDA device), CUDA indexes such as 0,2, or cpu:N (N CPU processes)",
+    )
     a("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default=_env("dtype", "auto"))
     a("--pooling", choices=list(POOLINGS), default=_env("pooling"))
     a(
@@ -210,6 +216,8 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
         help="a forward pass running longer is taken as hung: the worker exits so others reclaim its jobs",
     )
     a("--fake-delay-us-per-token", type=float, default=0.0, help=argparse.SUPPRESS)
+    # With --devices: the first restart delay of a failed worker (doubles up to 30 s).
+    a("--restart-backoff-s", type=float, default=1.0, help=argparse.SUPPRESS)
 
 
 def config_from_args(ns: argparse.Namespace) -> WorkerConfig:
