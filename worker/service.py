@@ -102,6 +102,8 @@ def _isolate_redelivered(seqs: list[_Seq]) -> list[list[_Seq]]:
     Such a job may be what killed its last worker; run with others, a crash would count
     against them too and dead-letter innocent jobs.
     """
+    if not any(s.job.delivery.suspicion for s in seqs):
+        return [seqs] if seqs else []  # the common case, decided in one pass
     fresh = [s for s in seqs if not s.job.delivery.suspicion]
     alone: dict[int, list[_Seq]] = {}
     for s in seqs:
@@ -640,8 +642,7 @@ class Worker:
     async def _expire(self, seqs: Sequence[_Seq]) -> None:
         """Answer jobs whose deadline passed while they waited: their callers gave up."""
         now = now_ms()
-        for s in seqs:
-            job = s.job
+        for job in {id(s.job): s.job for s in seqs}.values():
             if job.error is None and job.job.deadline_ms and now > job.job.deadline_ms:
                 job.error = RequestTimeoutError("the request's deadline passed before it was computed")
                 await self._finish(job)
