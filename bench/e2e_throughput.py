@@ -1,15 +1,22 @@
 """End-to-end embedding throughput: embedq (SDK → Redis → worker) vs sentence-transformers.
 
-One run embeds the same corpus (bench/corpus.py) twice on CPU:
+One run embeds the same corpus (bench/corpus.py) on CPU, one system after the other:
 
 1. sentence-transformers in this process, ``model.encode(corpus)``;
-2. embedq end to end: a private redis-server, one ``embedq worker`` subprocess, and
-   ``AsyncClient.embed_many`` from this process.
+2. embedq's torch backend in this process, without the queue;
+3. embedq end to end: a private redis-server, one ``embedq worker`` subprocess, and
+   ``AsyncClient.embed_many`` from this process;
+4. embedq vs the infinity-emb server (issue #6; bench/infinity_peer.py builds its venv
+   once) serving the same model folder at its default dtype (float32 on a CPU) and in
+   bfloat16: at each ``--shapes`` shape (B texts per request, C in flight), the same
+   closed-loop driver sends the corpus through embedq's ``embed``, then through each
+   infinity server, one right after the other.
 
-It then compares the two sets of vectors (cosine) and prints a summary.
+It then compares the vectors with sentence-transformers' (cosine) and prints a summary.
 
     python bench/e2e_throughput.py                 # 4000 passages, slow on small machines
     python bench/e2e_throughput.py --n 200         # a quick check
+    python bench/e2e_throughput.py --no-infinity   # without the infinity-emb peer
     python bench/e2e_throughput.py --json-out results.json
 """
 
@@ -27,6 +34,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import AsyncExitStack, ExitStack, contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +45,16 @@ import redis
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from corpus import build_corpus, fingerprint  # noqa: E402
+from infinity_peer import (  # noqa: E402
+    INFINITY_VERSION,
+    InfinityClient,
+    InfinityServer,
+    InfinityUnavailable,
+    Send,
+    Shape,
+    ensure_venv,
+    measure,
+)
 
 MODEL_NAME = "sentence-transformers/all-MiniLM-L6-v2"
 # Keys the worker writes (see embedq.common.keys): heartbeats and the model's description.
@@ -43,6 +62,8 @@ WORKERS_KEY = f"embedq:{{{MODEL_NAME}}}:workers"
 INFO_KEY = f"embedq:{{{MODEL_NAME}}}:info"
 WORKER_READY_TIMEOUT_S = 120.0
 WARMUP_TEXTS = 64
+# (infinity's --dtype, label): "auto" is its default, float32 on a CPU; bf16 is its best here.
+INFINITY_DTYPES = (("auto", "fp32"), ("bfloat16", "bf16"))
 
 
 @dataclass
@@ -246,8 +267,10 @@ async def embed_with_embedq(
     return Run("embedq", len(corpus), elapsed), vectors
 
 
-def run_embedq(corpus: list[str], args: argparse.Namespace) -> tuple[Run, np.ndarray, str, float]:
-    """Redis + worker + SDK; returns the run, its vectors, the worker's dtype, its start time."""
+@contextmanager
+def embedq_stack(args: argparse.Namespace) -> Iterator[tuple[str, str, float]]:
+    """A private redis-server and one worker; yields the Redis URL, the worker's dtype and
+    its start time, and prints the worker's padding efficiency when it stops."""
     from embedq.redis_server import RedisServer
 
     with tempfile.TemporaryDirectory(prefix="embedq-bench-") as tmp:
@@ -260,10 +283,7 @@ def run_embedq(corpus: list[str], args: argparse.Namespace) -> tuple[Run, np.nda
             dtype = wait_for_worker(server.url, proc, log_path)
             startup_s = time.perf_counter() - started
             print(f"  worker ready in {startup_s:.1f}s (dtype {dtype})", flush=True)
-            run, vectors = asyncio.run(
-                embed_with_embedq(server.url, corpus, args.chunk_size, args.max_in_flight)
-            )
-            return run, vectors, dtype, startup_s
+            yield server.url, dtype, startup_s
         finally:
             if proc is not None:
                 stop_worker(proc)
@@ -271,6 +291,104 @@ def run_embedq(corpus: list[str], args: argparse.Namespace) -> tuple[Run, np.nda
                     if "padding efficiency" in line:
                         print("  " + line.split(": ", 1)[-1], flush=True)
             server.stop()
+
+
+def run_embedq(corpus: list[str], args: argparse.Namespace) -> tuple[Run, np.ndarray, str, float]:
+    """Redis + worker + SDK; returns the run, its vectors, the worker's dtype, its start time."""
+    with embedq_stack(args) as (url, dtype, startup_s):
+        run, vectors = asyncio.run(embed_with_embedq(url, corpus, args.chunk_size, args.max_in_flight))
+        return run, vectors, dtype, startup_s
+
+
+# ---------------------------------------------------------------- infinity-emb
+async def drive_shapes(
+    url: str, ports: dict[str, int], corpus: list[str], shapes: list[Shape]
+) -> list[tuple[Run, np.ndarray]]:
+    """At each shape, embedq's ``embed`` then each infinity server, one after the other, so
+    the machine's drift between runs hits every system alike."""
+    from embedq import AsyncClient
+
+    runs: list[tuple[Run, np.ndarray]] = []
+    async with AsyncExitStack() as stack:
+        embedq = await stack.enter_async_context(AsyncClient(url, model=MODEL_NAME, timeout=600))
+        sends: dict[str, Send] = {"embedq": embedq.embed}
+        for label, port in ports.items():
+            sends[f"infinity {label}"] = (await stack.enter_async_context(InfinityClient(port))).embed
+        for shape in shapes:
+            for system, send in sends.items():
+                seconds, vectors = await measure(send, corpus, shape)
+                runs.append((Run(f"{system} {shape}", len(corpus), seconds), vectors))
+                print(f"  {runs[-1][0].name}: {runs[-1][0].rate:.1f} sentences/s", flush=True)
+    return runs
+
+
+def run_peers(
+    corpus: list[str], path: str, args: argparse.Namespace, shapes: list[Shape]
+) -> tuple[list[tuple[Run, np.ndarray]], dict[str, float]]:
+    """A fresh embedq worker and one infinity server per dtype, all up at once (each idles,
+    at well under 1% of a core, while another is measured); returns the runs with their
+    vectors, and each infinity server's start time by dtype label."""
+    with embedq_stack(args) as (url, _, _), ExitStack() as stack:
+        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="embedq-infinity-")))
+        servers: dict[str, InfinityServer] = {}
+        for dtype, label in INFINITY_DTYPES:
+            log_path = tmp / f"infinity-{label}.log"
+            server = stack.enter_context(
+                InfinityServer(path, dtype=dtype, threads=args.threads, log_path=log_path)
+            )
+            print(f"  infinity-emb {INFINITY_VERSION} {label} ready in {server.startup_s:.1f}s", flush=True)
+            servers[label] = server
+        runs = asyncio.run(drive_shapes(url, {lb: s.port for lb, s in servers.items()}, corpus, shapes))
+    return runs, {label: server.startup_s for label, server in servers.items()}
+
+
+def peer_report(
+    shapes: list[Shape],
+    runs: list[tuple[Run, np.ndarray]],
+    startup: dict[str, float],
+    st_vectors: np.ndarray | None,
+) -> dict[str, Any]:
+    """Ratios embedq ÷ infinity per shape and dtype, and each run's cosine to ST."""
+    rate = {run.name: run.rate for run, _ in runs}
+    ratios = {
+        str(shape): {
+            label: rate[f"embedq {shape}"] / rate[f"infinity {label} {shape}"] for _, label in INFINITY_DTYPES
+        }
+        for shape in shapes
+    }
+    quality: dict[str, dict[str, float]] | None = None
+    if st_vectors is not None:
+        quality = {}
+        for run, vectors in runs:
+            if vectors.shape != st_vectors.shape:
+                raise SystemExit(f"shape mismatch: {run.name} {vectors.shape} vs ST {st_vectors.shape}")
+            cos = cosines(vectors, st_vectors)
+            quality[run.name] = {"min": float(cos.min()), "mean": float(cos.mean())}
+    return {
+        "version": INFINITY_VERSION,
+        "dtypes": {label: dtype for dtype, label in INFINITY_DTYPES},
+        "shapes": [str(shape) for shape in shapes],
+        "server_startup_s": startup,
+        "ratios": ratios,
+        "quality": quality,
+    }
+
+
+def print_peer_summary(peer: dict[str, Any], runs: list[Run]) -> None:
+    rate = {r.name: r.rate for r in runs}
+    labels = [label for _, label in INFINITY_DTYPES]
+    print(f"\ninfinity-emb {peer['version']}: sentences/s at each shape (texts per request x in flight)")
+    print(f"{'shape':<8}{'embedq':>10}" + "".join(f"{'inf ' + lb:>11}{'x ' + lb:>9}" for lb in labels))
+    for shape in peer["shapes"]:
+        cells = "".join(
+            f"{rate[f'infinity {lb} {shape}']:>11.1f}{peer['ratios'][shape][lb]:>8.2f}x" for lb in labels
+        )
+        print(f"{shape:<8}{rate[f'embedq {shape}']:>10.1f}{cells}")
+    if peer["quality"] is not None:
+        print("cosine vs ST:")
+        for name, q in peer["quality"].items():
+            print(f"  {name:<22} min {q['min']:.6f}, mean {q['mean']:.6f}")
+    print("server start: " + ", ".join(f"{lb} {s:.1f}s" for lb, s in peer["server_startup_s"].items()))
 
 
 # ---------------------------------------------------------------- report
@@ -286,11 +404,11 @@ def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 def print_summary(report: dict[str, Any], runs: list[Run]) -> None:
     base = next((r for r in runs if r.name == "sentence-transformers"), None)
     print()
-    print(f"{'run':<24}{'seconds':>10}{'sentences/s':>14}{'vs ST':>8}")
-    print("-" * 56)
+    print(f"{'run':<26}{'seconds':>10}{'sentences/s':>14}{'vs ST':>8}")
+    print("-" * 58)
     for r in runs:
         ratio = f"{r.rate / base.rate:.2f}x" if base else "-"
-        print(f"{r.name:<24}{r.seconds:>10.2f}{r.rate:>14.1f}{ratio:>8}")
+        print(f"{r.name:<26}{r.seconds:>10.2f}{r.rate:>14.1f}{ratio:>8}")
     print()
 
     corpus, cfg, cpu = report["corpus"], report["config"], report["cpu"]
@@ -326,6 +444,10 @@ def print_summary(report: dict[str, Any], runs: list[Run]) -> None:
         print(f"{key:<{width}}  {value}")
 
 
+def parse_shapes(text: str) -> list[Shape]:
+    return [Shape.parse(part) for part in text.split(",")]
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--n", type=int, default=4000, help="passages in the corpus")
@@ -348,6 +470,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--skip-in-process", action="store_true", help="skip the in-process torch run")
     p.add_argument("--skip-st", action="store_true", help="skip the sentence-transformers run")
+    p.add_argument(
+        "--infinity",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="add the infinity-emb peer, and embedq at its request shapes (skipped if its venv fails)",
+    )
+    p.add_argument(
+        "--shapes",
+        type=parse_shapes,
+        default="1x16,32x4",
+        help="request shapes of the peer comparison, comma-separated BxC: B texts a request, C in flight",
+    )
     p.add_argument("--json-out", type=Path, default=None, help="also write the results here")
     args = p.parse_args(argv)
     if args.n < 1:
@@ -358,6 +492,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     path = model_path()
+
+    # Built (or found) first, so a failed install is known before anything is timed.
+    shapes: list[Shape] = []
+    peer_skipped = "--no-infinity"
+    if args.infinity:
+        try:
+            ensure_venv()
+            shapes = args.shapes
+        except InfinityUnavailable as exc:
+            peer_skipped = str(exc)
+            print(f"infinity-emb skipped: {exc}", flush=True)
 
     corpus = build_corpus(args.n)
     print(f"corpus: {len(corpus)} passages", flush=True)
@@ -385,6 +530,13 @@ def main(argv: list[str] | None = None) -> int:
     runs.append(eq_run)
     print(f"  {eq_run.rate:.1f} sentences/s", flush=True)
 
+    peer: dict[str, Any] = {"skipped": peer_skipped}
+    if shapes:
+        print(f"embedq vs infinity-emb at {', '.join(map(str, shapes))} (texts per request x in flight) ...")
+        peer_runs, inf_startup = run_peers(corpus, path, args, shapes)
+        runs += [run for run, _ in peer_runs]
+        peer = peer_report(shapes, peer_runs, inf_startup, st_vectors)
+
     quality: dict[str, float] | None = None
     if st_vectors is not None:
         if eq_vectors.shape != st_vectors.shape:
@@ -393,7 +545,7 @@ def main(argv: list[str] | None = None) -> int:
         quality = {"min": float(cos.min()), "mean": float(cos.mean())}
 
     report: dict[str, Any] = {
-        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "config": vars(args),
         "corpus": {
             "passages": len(corpus),
             "fingerprint": fingerprint(corpus),
@@ -404,6 +556,7 @@ def main(argv: list[str] | None = None) -> int:
         "quality": quality,
         "worker_dtype": dtype,
         "worker_startup_s": startup_s,
+        "infinity": peer,
         "cpu": cpu_info(),
         "versions": versions(),
     }
@@ -412,9 +565,12 @@ def main(argv: list[str] | None = None) -> int:
     if ip_run is not None:
         report["ratio_vs_in_process"] = eq_run.rate / ip_run.rate
     print_summary(report, runs)
+    if "skipped" not in peer:
+        print_peer_summary(peer, runs)
 
     if args.json_out is not None:
-        args.json_out.write_text(json.dumps(report, indent=2) + "\n")
+        # default=str: the config's paths and shapes
+        args.json_out.write_text(json.dumps(report, indent=2, default=str) + "\n")
         print(f"\nwrote {args.json_out}")
     return 0
 
