@@ -131,3 +131,76 @@ def test_bulk_alone_is_served_in_age_order() -> None:
     for i in range(5):
         b.add(i, 3, urgent=False)
     assert [x for batch in _drain(b) for x in batch] == [0, 1, 2, 3, 4]
+
+
+def test_bulk_never_widens_a_query_batch() -> None:
+    b: Batcher[str] = Batcher(BatchLimits(max_batch_tokens=4096, max_batch_size=4))
+    for n in (5, 8, 10, 50, 100, 200):
+        b.add(f"bulk{n}", n, urgent=False)
+    b.add("query", 10)
+    first = b.next_batch()
+    # Free rows take the longest bulk sequences that add no padding; none longer.
+    assert first is not None and first.items == ["query", "bulk10", "bulk8", "bulk5"]
+    assert first.padded_tokens == 40
+
+
+def test_queries_keep_short_batches_under_a_long_backfill() -> None:
+    # Growing over the whole pool let queries eat the backfill's short end, until each
+    # query rode with ~100-token neighbours (bench/lanes_latency.py).
+    rng = random.Random(4)
+    b: Batcher[str] = Batcher(BatchLimits(max_batch_tokens=16384, max_batch_size=16))
+    bulk = 0
+    for step in range(400):
+        while b.pending_tokens < 50_000:
+            b.add(f"b{bulk}", rng.randint(12, 256), urgent=False)
+            bulk += 1
+        b.add(f"q{step}", 10)
+        batch = b.next_batch()
+        assert batch is not None and f"q{step}" in batch.items
+        assert max(batch.lengths) == 10
+        b.next_batch()  # a bulk batch between queries
+
+
+def test_mixed_lanes_serve_every_sequence_once_within_limits() -> None:
+    rng = random.Random(5)
+    limits = BatchLimits(max_batch_tokens=1024, max_batch_size=8, bulk_every=2)
+    b: Batcher[int] = Batcher(limits)
+    served: list[int] = []
+    for i in range(3000):
+        b.add(i, rng.randint(1, 256), urgent=rng.random() < 0.3)
+        if i % 3 == 0 and (batch := b.next_batch()) is not None:
+            assert batch.padded_tokens <= limits.max_batch_tokens or len(batch.items) == 1
+            assert len(batch.items) <= limits.max_batch_size
+            served += batch.items
+    served += [x for batch in _drain(b) for x in batch]
+    assert sorted(served) == list(range(3000))
+    assert b.pending_tokens == 0 and len(b) == 0
+
+
+def test_a_padding_cap_splits_batches_of_mixed_lengths() -> None:
+    lengths = [10, 12, 100, 110, 11, 105]
+    capped: Batcher[int] = Batcher(BatchLimits(max_batch_tokens=4096, max_padding_ratio=1.25))
+    uncapped: Batcher[int] = Batcher(BatchLimits(max_batch_tokens=4096))
+    for i, n in enumerate(lengths):
+        capped.add(i, n)
+        uncapped.add(i, n)
+    batches = _drain(capped)
+    assert sorted(sorted(b) for b in batches) == [[0, 1, 4], [2, 3, 5]]
+    for b in batches:
+        longest = max(lengths[i] for i in b)
+        assert longest * len(b) <= 1.25 * sum(lengths[i] for i in b)
+    assert len(_drain(uncapped)) == 1  # the budget alone takes them all, padded to 110
+
+
+def test_a_padding_cap_never_leaves_a_sequence_behind() -> None:
+    rng = random.Random(7)
+    b: Batcher[int] = Batcher(BatchLimits(max_batch_tokens=2048, max_batch_size=16, max_padding_ratio=1.1))
+    for i in range(500):
+        b.add(i, rng.randint(1, 256), urgent=rng.random() < 0.5)
+    served = [x for batch in _drain(b) for x in batch]
+    assert sorted(served) == list(range(500))
+
+
+def test_a_padding_ratio_below_one_is_refused() -> None:
+    with pytest.raises(ValueError):
+        BatchLimits(max_padding_ratio=0.9)

@@ -12,7 +12,8 @@ Policy (better than strict FIFO, and starvation-free):
 - around it, the batch takes neighbours in token-length order, growing towards the
   side that adds the least padding, so lengths in a batch are close and padding stays
   near zero when a backlog exists;
-- cost is ``longest × count`` for padded execution and ``sum of lengths`` for packed.
+- cost is ``longest × count`` for padded execution and ``sum of lengths`` for packed;
+  on a CPU a padded batch also stops growing where padding would pass a set ratio.
 """
 
 from __future__ import annotations
@@ -33,10 +34,17 @@ class BatchLimits:
     padded: bool = True
     # While interactive work waits, every n-th batch still starts from the oldest bulk one.
     bulk_every: int = 4
+    # Padded execution: a sequence joins a batch only while computed tokens stay within
+    # this multiple of real ones (None: no cap). On a CPU, compute follows computed tokens
+    # and a forward pass has little fixed cost, so two well-filled batches beat one
+    # padded one; a GPU wants its rows filled instead.
+    max_padding_ratio: float | None = None
 
     def __post_init__(self) -> None:
         if self.max_batch_tokens < 1 or self.max_batch_size < 1 or self.bulk_every < 1:
             raise ValueError("batch limits must be positive")
+        if self.max_padding_ratio is not None and self.max_padding_ratio < 1:
+            raise ValueError("max_padding_ratio must be at least 1")
 
 
 # A waiting sequence: (length, seq, item). Plain tuples sort by (length, seq) in C, and
@@ -112,8 +120,13 @@ class Batcher(Generic[T]):
         return urgent, True
 
     def _fits(self, longest: int, lengths_sum: int, count: int) -> bool:
-        cost = longest * count if self._limits.padded else lengths_sum
-        return cost <= self._limits.max_batch_tokens
+        limits = self._limits
+        if not limits.padded:
+            return lengths_sum <= limits.max_batch_tokens
+        cost = longest * count
+        if limits.max_padding_ratio is not None and cost > limits.max_padding_ratio * lengths_sum:
+            return False
+        return cost <= limits.max_batch_tokens
 
     def _padding_left(self, entries: list[_Entry], lo: int, hi: int) -> int:
         return entries[hi][_LENGTH] - entries[lo - 1][_LENGTH] if self._limits.padded else 0

@@ -81,6 +81,9 @@ READ_COUNT = 64
 # dead-lettered even if it never reached a forward pass: max_deliveries × this.
 HELD_DELIVERIES_FACTOR = 4
 READ_BLOCK_MS = 1000
+# On a CPU, computed tokens may exceed real ones by at most this factor in a batch (see
+# BatchLimits.max_padding_ratio): with few requests waiting, lengths vary widely.
+CPU_MAX_PADDING_RATIO = 1.25
 FULL_READ_BLOCK_MS = 50
 
 
@@ -148,6 +151,7 @@ class Worker:
                 max_batch_tokens=config.max_batch_tokens,
                 max_batch_size=config.max_batch_requests,
                 padded=not backend.description.packed,
+                max_padding_ratio=CPU_MAX_PADDING_RATIO if backend.description.device == "cpu" else None,
             )
         )
         if config.max_batch_tokens < backend.description.max_input_length:
