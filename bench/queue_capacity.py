@@ -61,9 +61,7 @@ async def measure(url: str, args: argparse.Namespace, pids: dict[str, int]) -> N
             cpu_before = {name: cpu_seconds(pid) for name, pid in pids.items()}
             seconds, lat = await closed_loop(client, total, args.concurrency, inputs)
             # CPU per request of each process: steadier than req/s on a shared machine.
-            cpu_us = {
-                name: (cpu_seconds(pid) - cpu_before[name]) / total * 1e6 for name, pid in pids.items()
-            }
+            cpu_us = {name: (cpu_seconds(pid) - cpu_before[name]) / total * 1e6 for name, pid in pids.items()}
             lat.sort()
             p50 = statistics.median(lat) * 1000
             p99 = lat[int(len(lat) * 0.99) - 1] * 1000
@@ -71,8 +69,7 @@ async def measure(url: str, args: argparse.Namespace, pids: dict[str, int]) -> N
                 f"{inputs:>3}-input requests: {total / seconds:9.0f} req/s  "
                 f"{total * inputs / seconds:9.0f} embeddings/s  p50 {p50:6.1f} ms  p99 {p99:6.1f} ms "
                 f"(concurrency {args.concurrency})\n"
-                f"      CPU µs per request: "
-                + "  ".join(f"{name} {us:.0f}" for name, us in cpu_us.items()),
+                f"      CPU µs per request: " + "  ".join(f"{name} {us:.0f}" for name, us in cpu_us.items()),
                 flush=True,
             )
 

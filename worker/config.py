@@ -22,6 +22,7 @@ from embedq.worker.model_files import POOLINGS, Pooling
 
 BackendName = Literal["torch", "fake"]
 DTypeName = Literal["auto", "float32", "bfloat16", "float16"]
+QuantizeName = Literal["int8"]
 
 
 # On CPU small batches are faster (cache locality) and pad less; a GPU wants wide ones.
@@ -37,6 +38,21 @@ class ConfigError(Exception):
     """A worker cannot start with these settings."""
 
 
+def check_precision(device: str, dtype: str, quantize: str | None) -> None:
+    """Refuse combinations the int8 path cannot run: it is a CPU, float32-base path."""
+    if quantize is None:
+        return
+    if quantize != "int8":
+        raise ConfigError(f"--quantize {quantize!r}: only int8 is supported")
+    if not device.startswith("cpu"):
+        raise ConfigError(f"--quantize int8 runs on CPU only, not on --device {device}")
+    if dtype not in ("auto", "float32"):
+        raise ConfigError(
+            f"--quantize int8 quantizes a float32 model; --dtype {dtype} cannot be combined with it "
+            "(use --dtype float32 or auto)"
+        )
+
+
 @dataclass(frozen=True, kw_only=True)
 class WorkerConfig:
     model_id: str
@@ -48,6 +64,10 @@ class WorkerConfig:
     dtype: DTypeName = "auto"
     pooling: Pooling | None = None
     threads: int | None = None
+    # CPU only, float32 base: Linear layers in int8 (per-token activations, per-channel weights).
+    quantize: QuantizeName | None = None
+    # torch.compile the model; input lengths are then padded up to BUCKET_TOKENS multiples.
+    compile: bool = False
     max_batch_tokens: int = 16384
     max_batch_requests: int = 16
     max_job_inputs: int = 4096
@@ -149,6 +169,19 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
         default=_env("embedq_threads"),
         help="torch intra-op threads (default: all cores)",
     )
+    a(
+        "--quantize",
+        choices=["int8"],
+        default=_env("embedq_quantize") or None,
+        help="CPU only: int8 Linear layers on a float32 model (off by default; see docs/benchmarks.md "
+        "for its cosine to float32)",
+    )
+    a(
+        "--compile",
+        action="store_true",
+        default=_bool(_env("embedq_compile", "false") or "false"),
+        help="torch.compile the model at start (slower start; inputs padded to length buckets)",
+    )
     a("--max-batch-tokens", type=int, default=int(_env("max_batch_tokens", "16384") or 16384))
     a(
         "--max-batch-requests",
@@ -235,6 +268,8 @@ def config_from_args(ns: argparse.Namespace) -> WorkerConfig:
         dtype=ns.dtype,
         pooling=ns.pooling,
         threads=int(ns.threads) if ns.threads else None,
+        quantize=ns.quantize,
+        compile=ns.compile,
         max_batch_tokens=ns.max_batch_tokens,
         max_batch_requests=int(ns.max_batch_requests or default_batch_requests(ns.device)),
         max_job_inputs=ns.max_job_inputs,
@@ -266,4 +301,5 @@ def config_from_args(ns: argparse.Namespace) -> WorkerConfig:
         raise ConfigError("--dlq-max-len must be at least 1")
     if cfg.max_deliveries < 1:
         raise ConfigError("--max-deliveries must be at least 1")
+    check_precision(cfg.device, cfg.dtype, cfg.quantize)
     return cfg

