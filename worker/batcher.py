@@ -180,9 +180,11 @@ class Batcher(Generic[T]):
             # Entries sort by (length, seq): bisection finds the anchor without a scan.
             lo, hi = self._grow(entries, bisect.bisect_left(entries, key))
             chosen = entries[lo : hi + 1]
-            del entries[lo : hi + 1]
-            if self._urgent_by_length:  # urgent neighbours of a bulk anchor ride along
+            if len(self._urgent_by_length) == len(entries):
+                del self._urgent_by_length[lo : hi + 1]  # all urgent: the same list twice
+            elif self._urgent_by_length:  # urgent neighbours of a bulk anchor ride along
                 _remove(self._urgent_by_length, chosen)
+            del entries[lo : hi + 1]
         for e in chosen:
             del self._live[e[_SEQ]]
             self._tokens -= e[_LENGTH]
