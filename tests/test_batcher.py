@@ -204,3 +204,13 @@ def test_a_padding_cap_never_leaves_a_sequence_behind() -> None:
 def test_a_padding_ratio_below_one_is_refused() -> None:
     with pytest.raises(ValueError):
         BatchLimits(max_padding_ratio=0.9)
+
+
+def test_urgent_tokens_are_counted_apart() -> None:
+    b: Batcher[str] = Batcher(BatchLimits(max_batch_tokens=64, max_batch_size=2))
+    b.add("q1", 5)
+    b.add("bulk", 7, urgent=False)
+    b.add("q2", 6)
+    assert (b.pending_tokens, b.urgent_pending_tokens) == (18, 11)
+    _drain(b)  # type: ignore[arg-type]
+    assert (b.pending_tokens, b.urgent_pending_tokens) == (0, 0)

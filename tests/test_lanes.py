@@ -115,3 +115,36 @@ async def test_dead_letter_stream_is_trimmed(redis_server: RedisServer, tmp_path
     assert r.xlen(keys.jobs_stream(MODEL)) == 0
     # Approximate trimming keeps whole macro nodes (100 entries by default), never 300.
     assert 10 <= r.xlen(keys.dead_letter_stream(MODEL)) <= 110
+
+
+async def test_queries_are_read_while_bulk_reads_overshoot_the_read_ahead(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    # One read takes up to 64 bulk jobs of 64 inputs: ~90k tokens against a read-ahead
+    # of 4,096. The reader once stopped reading both lanes above 2x the read-ahead, and a
+    # query then waited seconds until the batcher drained.
+    worker = start_worker(
+        redis_server.url, tmp_path, "--backend", "fake", "--fake-delay-us-per-token", "100",
+        "--max-batch-tokens", "512", "--max-batch-requests", "16",
+    )  # fmt: skip
+    async with AsyncClient(redis_server.url, model=MODEL, timeout=120) as client:
+        await client.embed("warm up")
+        r = redis.Redis.from_url(redis_server.url)
+        texts = [f"{WORDS} {i}" for i in range(64 * 48)]
+
+        async def backfill() -> int:
+            return sum([len(c) async for c in client.embed_many(texts, chunk_size=64, max_in_flight=48)])
+
+        bulk = asyncio.create_task(backfill())
+        while r.xlen(keys.jobs_stream(MODEL, "bulk")) < 40:
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.3)  # the worker has read a large share of it by now
+        latencies = []
+        for i in range(5):
+            t0 = time.perf_counter()
+            assert (await client.embed(f"query {i}")).shape == (1, 384)
+            latencies.append(time.perf_counter() - t0)
+        assert await bulk == len(texts)
+    worker.stop()
+    # A batch is at most 512 tokens (~50 ms here): a query waits for the one in hand.
+    assert max(latencies) < 1.0, latencies

@@ -81,6 +81,9 @@ class Batcher(Generic[T]):
         self._live: dict[int, int] = {}
         self._counter = itertools.count()
         self._tokens = 0
+        # Seq numbers of the urgent sequences waiting, and their tokens.
+        self._urgent_seqs: set[int] = set()
+        self._urgent_tokens = 0
         self._urgent_batches = 0  # batches anchored urgent in a row while bulk waited
 
     def __len__(self) -> int:
@@ -90,6 +93,11 @@ class Batcher(Generic[T]):
     def pending_tokens(self) -> int:
         return self._tokens
 
+    @property
+    def urgent_pending_tokens(self) -> int:
+        """Tokens of the urgent (interactive) sequences waiting."""
+        return self._urgent_tokens
+
     def add(self, item: T, length: int, *, urgent: bool = True) -> None:
         """Queue one sequence; ``urgent`` ones (the interactive lane) are served first."""
         if length < 1:
@@ -98,6 +106,8 @@ class Batcher(Generic[T]):
         bisect.insort(self._by_length, (length, seq, item))
         if urgent:
             bisect.insort(self._urgent_by_length, (length, seq, item))
+            self._urgent_seqs.add(seq)
+            self._urgent_tokens += length
         heapq.heappush(self._by_age[0 if urgent else 1], seq)
         self._live[seq] = length
         self._tokens += length
@@ -188,6 +198,9 @@ class Batcher(Generic[T]):
         for e in chosen:
             del self._live[e[_SEQ]]
             self._tokens -= e[_LENGTH]
+            if e[_SEQ] in self._urgent_seqs:
+                self._urgent_seqs.remove(e[_SEQ])
+                self._urgent_tokens -= e[_LENGTH]
         return Batch(items=[e[_ITEM] for e in chosen], lengths=[e[_LENGTH] for e in chosen])
 
     def _urgent_batch(self, key: tuple[int, int]) -> list[_Entry]:

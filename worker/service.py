@@ -320,14 +320,17 @@ class Worker:
         backoff = 0.1
         try:
             while not self._stopping.is_set():
-                waiting = self.batcher.pending_tokens
-                if waiting >= 2 * self.config.read_ahead_tokens:
+                read_ahead = self.config.read_ahead_tokens
+                if self.batcher.urgent_pending_tokens >= read_ahead:
+                    # Interactive work alone fills the read-ahead: leave the rest to
+                    # other workers until some of it is computed.
                     self._room.clear()
                     await self._room.wait()
                     continue
-                # With the read-ahead full (a bulk backfill), keep taking interactive jobs
-                # only, with short blocks so bulk reading resumes as soon as there is room.
-                full = waiting >= self.config.read_ahead_tokens
+                # With the read-ahead full (a bulk backfill, however large its reads
+                # overshot), keep taking interactive jobs only, with short blocks so bulk
+                # reading resumes as soon as there is room.
+                full = self.batcher.pending_tokens >= read_ahead
                 try:
                     deliveries = await self.stream.read_new(
                         READ_COUNT,
@@ -552,7 +555,7 @@ class Worker:
     async def _engine_loop(self) -> None:
         while True:
             batch = self.batcher.next_batch()
-            if self.batcher.pending_tokens < self.config.read_ahead_tokens:
+            if self.batcher.urgent_pending_tokens < self.config.read_ahead_tokens:
                 self._room.set()
             if batch is None:
                 if self._reader_done.is_set():
