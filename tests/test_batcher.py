@@ -214,3 +214,40 @@ def test_urgent_tokens_are_counted_apart() -> None:
     assert (b.pending_tokens, b.urgent_pending_tokens) == (18, 11)
     _drain(b)  # type: ignore[arg-type]
     assert (b.pending_tokens, b.urgent_pending_tokens) == (0, 0)
+
+
+def test_add_many_matches_one_by_one_adds() -> None:
+    """A job's sequences queued in one call are cut exactly as if added one at a time."""
+    rng = random.Random(7)
+    jobs = [[rng.randint(1, 60) for _ in range(rng.randint(1, 9))] for _ in range(40)]
+    lanes = [rng.random() < 0.4 for _ in jobs]
+    limits = BatchLimits(max_batch_tokens=256, max_batch_size=16, max_padding_ratio=1.25)
+    one, many = Batcher[tuple[int, int]](limits), Batcher[tuple[int, int]](limits)
+    cuts_one, cuts_many = [], []
+    for j, (lengths, urgent) in enumerate(zip(jobs, lanes, strict=True)):
+        for i, n in enumerate(lengths):
+            one.add((j, i), n, urgent=urgent)
+        many.add_many([(j, i) for i in range(len(lengths))], lengths, urgent=urgent)
+        if j % 3 == 2:  # cut while more arrive, as the worker does
+            cuts_one.append(one.next_batch())
+            cuts_many.append(many.next_batch())
+        assert one.pending_tokens == many.pending_tokens
+        assert one.urgent_pending_tokens == many.urgent_pending_tokens
+        assert len(one) == len(many)
+    while (b := one.next_batch()) is not None:
+        cuts_one.append(b)
+        cuts_many.append(many.next_batch())
+    assert many.next_batch() is None
+    assert [b.items if b else None for b in cuts_one] == [b.items if b else None for b in cuts_many]
+    assert sorted(i for b in cuts_many if b for i in b.items) == [
+        (j, i) for j, lengths in enumerate(jobs) for i in range(len(lengths))
+    ]
+
+
+def test_add_many_refuses_empty_sequences_and_mismatched_lengths() -> None:
+    b = Batcher[str](BatchLimits())
+    with pytest.raises(ValueError):
+        b.add_many(["a", "b"], [3, 0])
+    with pytest.raises(ValueError):
+        b.add_many(["a", "b"], [3])
+    assert len(b) == 0 and b.pending_tokens == 0

@@ -382,10 +382,13 @@ class Worker:
                 await self._finish(job)
                 continue
             width = len(self.backend.description.id2label) if job.job.kind in SCORE_KINDS else self.dim
-            job.start([len(ids) for ids, _ in seqs], width)
-            urgent = keys.lane_of(job.delivery.stream) == "interactive"
-            for i, (ids, types) in enumerate(seqs):
-                self.batcher.add(_Seq(job, i, ids, types), len(ids), urgent=urgent)
+            lengths = [len(ids) for ids, _ in seqs]
+            job.start(lengths, width)
+            self.batcher.add_many(
+                [_Seq(job, i, ids, types) for i, (ids, types) in enumerate(seqs)],
+                lengths,
+                urgent=keys.lane_of(job.delivery.stream) == "interactive",
+            )
         self._work.set()
 
     async def _check(self, d: Delivery) -> ActiveJob | None:
