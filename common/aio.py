@@ -40,4 +40,3 @@ async def within(aw: Awaitable[T], seconds: float | None) -> T:
         async with asyncio.timeout(seconds):
             return await aw
     return await asyncio.wait_for(aw, seconds)
-

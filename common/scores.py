@@ -25,12 +25,15 @@ class Prediction:
 def sigmoid(x: np.ndarray) -> np.ndarray:
     # exp of a negative magnitude only: no overflow for large logits.
     e = np.exp(-np.abs(x))
-    return np.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e)).astype(np.float32)
+    # numpy's ufunc stubs type the result as Any.
+    out: np.ndarray = np.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e)).astype(np.float32)
+    return out
 
 
 def softmax(x: np.ndarray) -> np.ndarray:
     z = np.exp(x - x.max(axis=-1, keepdims=True))
-    return (z / z.sum(axis=-1, keepdims=True)).astype(np.float32)
+    out: np.ndarray = (z / z.sum(axis=-1, keepdims=True)).astype(np.float32)
+    return out
 
 
 def rank(logits: np.ndarray, *, raw_scores: bool = False, top_n: int | None = None) -> list[Ranked]:

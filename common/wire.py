@@ -8,7 +8,7 @@ with the model in ``PARAMS_BY_KIND``.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, TypeAlias
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -102,7 +102,18 @@ class DecodeParams(_Wire):
     skip_special_tokens: bool = True
 
 
-PARAMS_BY_KIND: dict[str, type[_Wire]] = {
+# The params model of some job kind.
+KindParams: TypeAlias = (
+    EmbedParams
+    | EmbedAllParams
+    | EmbedSparseParams
+    | RerankParams
+    | PredictParams
+    | TokenizeParams
+    | DecodeParams
+)
+
+PARAMS_BY_KIND: dict[str, type[KindParams]] = {
     "embed": EmbedParams,
     "embed_all": EmbedAllParams,
     "embed_sparse": EmbedSparseParams,
@@ -138,7 +149,7 @@ class Job(_Wire):
     def embed_params(self) -> EmbedParams:
         return EmbedParams.model_validate(self.params)
 
-    def typed_params(self) -> _Wire:
+    def typed_params(self) -> KindParams:
         """The params validated with the model of this job's kind (KeyError if it has none)."""
         return PARAMS_BY_KIND[self.kind].model_validate(self.params)
 

@@ -11,13 +11,18 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeAlias, cast
 
 import redis
+from redis.typing import EncodableT, FieldT
 
 from embedq.common import keys
 from embedq.common.codec import DecodeLimits, decode
 from embedq.common.errors import ProtocolError
+
+# An XRANGE entry as this client gets it (responses not decoded): bytes throughout.
+# redis-py's annotations also allow str, and None for the whole reply.
+_Entries: TypeAlias = list[tuple[bytes, dict[bytes, bytes]]]
 
 
 @dataclass(frozen=True)
@@ -70,7 +75,7 @@ def _letter(dlq_id: bytes, fields: dict[bytes, bytes]) -> DeadLetter:
 
 def read(client: redis.Redis, model: str, count: int = 100) -> list[DeadLetter]:
     """The newest ``count`` dead letters, oldest first."""
-    rows = client.xrevrange(keys.dead_letter_stream(model), count=count)
+    rows = cast(_Entries, client.xrevrange(keys.dead_letter_stream(model), count=count))
     return [_letter(dlq_id, fields) for dlq_id, fields in reversed(rows)]
 
 
@@ -81,7 +86,7 @@ def read_ids(client: redis.Redis, model: str, ids: Sequence[str]) -> list[DeadLe
     missing: list[str] = []
     for dlq_id in ids:
         try:
-            rows = client.xrange(stream, min=dlq_id, max=dlq_id)
+            rows = cast(_Entries, client.xrange(stream, min=dlq_id, max=dlq_id))
         except redis.ResponseError:  # not a stream id at all
             rows = []
         if rows:
@@ -115,7 +120,8 @@ def replay(client: redis.Redis, model: str, ids: Sequence[str], *, everything: b
     for d in letters:
         if keys.JOB_FIELD not in d.original:
             continue  # nothing a worker could run
-        client.xadd(keys.jobs_stream(model, d.lane), dict(d.original))
+        # dict is invariant in its key type: redis-py wants its own unions.
+        client.xadd(keys.jobs_stream(model, d.lane), cast("dict[FieldT, EncodableT]", dict(d.original)))
         client.xdel(keys.dead_letter_stream(model), d.dlq_id)
         done += 1
     return done

@@ -7,10 +7,11 @@ import functools
 import logging
 import time
 from collections import deque
-from collections.abc import AsyncIterable, AsyncIterator, Iterable, Sequence
-from typing import Any, Literal
+from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Iterable, Sequence
+from typing import Any, Literal, cast
 
 import numpy as np
+import redis.asyncio as aioredis
 from pydantic import BaseModel
 from pydantic import ValidationError as PydanticValidationError
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -69,10 +70,11 @@ def _as_inputs(texts: Texts) -> list[Any]:
     """TEI's input forms: a string, a list of strings, one id list, or a list of id lists."""
     if isinstance(texts, str):
         return [texts]
-    items = list(texts)
+    items: list[str | int | Sequence[int]] = list(texts)
     if items and all(isinstance(x, int) and not isinstance(x, bool) for x in items):
         return [items]
-    return [list(x) if not isinstance(x, str) else x for x in items]
+    # Not all ids: every non-string is taken as an id list (a stray int raises TypeError).
+    return [list(cast("Sequence[int]", x)) if not isinstance(x, str) else x for x in items]
 
 
 class AsyncClient:
@@ -101,8 +103,8 @@ class AsyncClient:
         self._settings = redis_settings or RedisSettings.from_env(redis_url, max_connections=max_connections)
         user = redis_username(self._settings.url)
         self.client_id = keys.check_client_id(client_id or new_client_id("sdk", user=user))
-        self._redis = None
-        self._reader_redis = None
+        self._redis: aioredis.Redis | None = None
+        self._reader_redis: aioredis.Redis | None = None
         self._reader: ReplyReader | None = None
         self._submitter: Submitter | None = None
         # Jobs awaiting their reply: request id -> (stream, packed job), resubmitted with
@@ -416,7 +418,7 @@ class AsyncClient:
         max_in_flight: int = 16,
         lane: keys.Lane = "bulk",
         **params: Any,
-    ) -> AsyncIterator[np.ndarray]:
+    ) -> AsyncGenerator[np.ndarray, None]:
         """Embed a long stream of texts for ingestion.
 
         Texts are sent in chunks of ``chunk_size``; at most ``max_in_flight`` chunks are

@@ -20,7 +20,7 @@ import struct
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
@@ -108,7 +108,8 @@ class EmbeddingCache:
             if identity is None:
                 return await fetch(inputs)  # not served: let the request report it
             cache_keys = [keys.cache_key(model, self.digest(identity, params, x)) for x in inputs]
-            found = await self.redis.mget(cache_keys)
+            # bytes: responses are not decoded (redis-py's annotation also allows str).
+            found = cast("list[bytes | None]", await self.redis.mget(cache_keys))
         except RedisError as exc:  # a cache that cannot be read is skipped, not fatal
             self._warn(exc)
             return await fetch(inputs)

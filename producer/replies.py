@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
+from typing import TypeAlias, cast
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
@@ -22,6 +23,10 @@ log = logging.getLogger(__name__)
 
 BLOCK_MS = 1000
 TRIM_EVERY = 256
+
+# XREAD's reply as this client gets it (responses not decoded): bytes throughout.
+# redis-py's annotations also allow str and the RESP3 dict shape.
+_ReadReply: TypeAlias = list[tuple[bytes, list[tuple[bytes, dict[bytes, bytes]]]]]
 
 
 class ReplyReader:
@@ -67,7 +72,10 @@ class ReplyReader:
         failing = False
         while not self._closing:
             try:
-                resp = await self._redis.xread({self.stream: self._last_id}, count=512, block=BLOCK_MS)
+                resp = cast(
+                    "_ReadReply | None",
+                    await self._redis.xread({self.stream: self._last_id}, count=512, block=BLOCK_MS),
+                )
                 backoff = 0.1
                 if failing and self.on_reconnect is not None:
                     self.on_reconnect()

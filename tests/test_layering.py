@@ -75,3 +75,12 @@ def test_public_api_is_complete() -> None:
         assert hasattr(embedq, name), name
     assert issubclass(embedq.ValidationError, embedq.RequestError)
     assert issubclass(embedq.RequestError, embedq.EmbedqError)
+
+
+def test_package_type_checks_strictly() -> None:
+    """mypy --strict over the real embedq namespace (scripts/typecheck.sh builds it: mypy
+    cannot follow pyproject's package-dir mapping on its own)."""
+    pytest.importorskip("mypy")
+    script = ROOT / "scripts" / "typecheck.sh"
+    done = subprocess.run(["bash", str(script)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]

@@ -8,11 +8,12 @@ from types import SimpleNamespace
 
 import pytest
 
+from embedq.common.errors import ValidationError
 from embedq.common.settings import RedisSettings
 from embedq.redis_server import RedisServer
 from embedq.worker.backends.fake import FakeBackend
 from embedq.worker.config import WorkerConfig
-from embedq.worker.service import Worker, WorkerFault, _isolate_redelivered, _Seq
+from embedq.worker.service import Worker, WorkerFault, _ids_only, _isolate_redelivered, _Seq
 
 
 def _seq(job: object, i: int) -> _Seq:
@@ -67,3 +68,12 @@ async def test_stop_returns_cleanly(tmp_path: Path) -> None:
         worker.stop()
         await asyncio.wait_for(task, timeout=10)
         await worker.redis.aclose()
+
+
+@pytest.mark.parametrize("ids", [[["a", "b"]], [[1, True]], [[1, 2.0]], ["text"]])
+def test_decode_ids_must_be_lists_of_ints(ids: list[object]) -> None:
+    # A hand-made job: the gateway and SDK only send ints. It gets a validation error,
+    # not a tokenizer failure reported as a backend error.
+    with pytest.raises(ValidationError):
+        _ids_only(ids)
+    assert _ids_only([[101, 7592, 102], [5]]) == [[101, 7592, 102], [5]]

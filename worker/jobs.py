@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeAlias
 
 import numpy as np
 
@@ -31,7 +31,7 @@ from embedq.worker.postprocess import finish_vectors
 from embedq.worker.stream import Delivery
 
 # The typed params of the kinds a worker runs (validated at admission).
-JobParams = (
+JobParams: TypeAlias = (
     EmbedParams
     | EmbedAllParams
     | EmbedSparseParams
@@ -108,7 +108,7 @@ class ActiveJob:
         if self.sparse_rows is not None:
             assert isinstance(self.params, EmbedSparseParams)
             top_k = self.params.top_k
-            vectors = []
+            sparse: list[SparseVector] = []
             for row in self.sparse_rows:
                 assert row is not None
                 indices, values = row
@@ -118,13 +118,13 @@ class ActiveJob:
                 if top_k is not None and len(values) > top_k:
                     keep = np.sort(np.argsort(-values, kind="stable")[:top_k])
                     indices, values = indices[keep], values[keep]
-                vectors.append(
+                sparse.append(
                     SparseVector(
                         indices=np.ascontiguousarray(indices, dtype="<i4").tobytes(),
                         values=np.ascontiguousarray(values, dtype="<f4").tobytes(),
                     )
                 )
-            return Reply(id=self.job.id, ok=True, sparse=vectors, meta=meta)
+            return Reply(id=self.job.id, ok=True, sparse=sparse, meta=meta)
         if self.job.kind in SCORE_KINDS:
             assert self.pooled is not None
             scores = EmbedResult(

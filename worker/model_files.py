@@ -142,7 +142,8 @@ def _pooling_folder(path: Path) -> Path | None:
             raise ModelFolderError(f"cannot read {modules}: {exc}") from exc
         for entry in entries:
             if str(entry.get("type", "")).endswith("Pooling") and entry.get("path"):
-                return path / entry["path"]
+                sub: str = entry["path"]  # json.loads gives Any
+                return path / sub
     default = path / "1_Pooling"
     return default if default.is_dir() else None
 

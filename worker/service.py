@@ -19,7 +19,7 @@ import time
 from collections.abc import Awaitable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import redis.asyncio as aioredis
@@ -126,9 +126,11 @@ def _texts_only(inputs: Sequence[Input]) -> list[str]:
 
 def _ids_only(inputs: Sequence[Input]) -> list[list[int]]:
     ids = [x for x in inputs if isinstance(x, list)]
-    if len(ids) != len(inputs):
+    if len(ids) != len(inputs) or not all(
+        isinstance(t, int) and not isinstance(t, bool) for seq in ids for t in seq
+    ):
         raise ValidationError("`ids` of a decode request must be lists of token ids")
-    return ids
+    return cast("list[list[int]]", ids)  # every item was checked to be an int just above
 
 
 class Worker:
@@ -430,7 +432,7 @@ class Worker:
                     f"model {self.config.served_model_name} is a {desc.model_type} model and does not "
                     f"serve {job.kind!r}"
                 )
-            active.params = job.typed_params()  # type: ignore[assignment]
+            active.params = job.typed_params()
             if job.kind in SCORE_KINDS:
                 active.labels = desc.labels
             if isinstance(active.params, EmbedParams):
@@ -740,10 +742,10 @@ class Worker:
                 backoff = min(backoff * 2, 5.0)
                 continue
             outgoing = []
-            for reply, exc in failed:
+            for reply, error in failed:
                 job = self.active.get(reply.delivery.key)
-                if "WRONGTYPE" in str(exc) and job is not None:
-                    reason = f"cannot reply to {reply.reply_to!r}: {exc}"
+                if "WRONGTYPE" in str(error) and job is not None:
+                    reason = f"cannot reply to {reply.reply_to!r}: {error}"
                     log.warning("dead-lettering entry %s: %s", reply.delivery.entry_id, reason)
                     await self._safe(self.stream.dead_letter(job.delivery, reason))
                     self.metrics.dead_lettered("reply_to")

@@ -10,14 +10,22 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import TypeAlias, cast
 
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
+from redis.typing import EncodableT, FieldT, KeyT, StreamIdT
 
 from embedq.common import keys
 from embedq.common.ids import now_ms
 
 log = logging.getLogger(__name__)
+
+# XREADGROUP's reply as this client gets it (responses not decoded): bytes throughout, and
+# no fields for a pending entry deleted meanwhile. redis-py's annotations also allow str
+# and the RESP3 dict shape.
+_Entry: TypeAlias = tuple[bytes, dict[bytes, bytes] | None]
+_ReadReply: TypeAlias = list[tuple[bytes, list[_Entry]]]
 
 # Renew only entries still owned by this consumer, so a lease that lapsed and was
 # taken by another worker is not stolen back.
@@ -123,7 +131,8 @@ class JobStream:
     async def register(self, info: dict[str, str]) -> None:
         self._info = info
         pipe = self.redis.pipeline(transaction=False)
-        pipe.hset(keys.model_info_key(self.model), mapping=info)
+        # Mapping is invariant in its key type: redis-py wants its own unions.
+        pipe.hset(keys.model_info_key(self.model), mapping=cast("dict[FieldT, EncodableT]", info))
         pipe.sadd(keys.MODELS_SET, self.model)
         await pipe.execute()
 
@@ -143,10 +152,11 @@ class JobStream:
     async def leave(self, worker_id: str) -> None:
         await self.redis.zrem(keys.workers_key(self.model), worker_id)
 
-    async def _read(self, streams: dict[str, str], count: int, block_ms: int | None) -> list[Delivery]:
+    async def _read(self, streams: dict[KeyT, StreamIdT], count: int, block_ms: int | None) -> list[Delivery]:
         try:
-            resp = await self.redis.xreadgroup(
-                self.group, self.consumer, streams, count=count, block=block_ms
+            resp = cast(
+                "_ReadReply | None",
+                await self.redis.xreadgroup(self.group, self.consumer, streams, count=count, block=block_ms),
             )
         except ResponseError as exc:
             if "NOGROUP" in str(exc) or "no longer exists" in str(exc):
@@ -220,7 +230,9 @@ class JobStream:
         workers' XAUTOCLAIM takes them at once instead of after a whole lease."""
         pipe = self.redis.pipeline(transaction=False)
         for stream, ids in _by_stream(held).items():
-            pipe.xclaim(stream, self.group, self.consumer, 0, ids, idle=idle_ms + 1, justid=True)
+            # list is invariant: redis-py wants a list of its id union.
+            ids_arg = cast("list[StreamIdT]", ids)
+            pipe.xclaim(stream, self.group, self.consumer, 0, ids_arg, idle=idle_ms + 1, justid=True)
         await pipe.execute()
 
     async def reply_and_ack(self, replies: Sequence[OutgoingReply]) -> list[tuple[OutgoingReply, Exception]]:
@@ -279,7 +291,7 @@ class JobStream:
 
     async def dead_letter(self, delivery: Delivery, reason: str) -> None:
         """Move an entry to the dead-letter stream with why, then remove it."""
-        fields: dict[bytes | str, bytes | str] = {
+        fields: dict[FieldT, EncodableT] = {
             b"entry_id": delivery.entry_id,
             b"lane": keys.lane_of(delivery.stream).encode(),
             b"reason": reason.encode("utf-8", "replace")[:4096],

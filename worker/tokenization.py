@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from embedq.common.errors import EmptyInputError, TokenizerError, ValidationError
 from embedq.common.wire import Input, TokenList, TruncationDirection
@@ -49,15 +49,18 @@ def too_long(given: int, limit: int) -> ValidationError:
     return ValidationError(f"`inputs` must have less than {limit} tokens. Given: {given}")
 
 
-def check_token_ids(ids: list[int], vocab_size: int, limit: int, options: EncodeOptions) -> list[int]:
+def check_token_ids(
+    given: list[int] | list[str], vocab_size: int, limit: int, options: EncodeOptions
+) -> list[int]:
     """Validate an input given as token ids (used as is: no prompt, no special tokens)."""
-    if not ids:
+    if not given:
         raise ValidationError("`inputs` cannot be empty")
-    for tok in ids:
+    for tok in given:
         if not isinstance(tok, int):
             raise ValidationError("`inputs` must be texts or lists of token ids")
         if not 0 <= tok < vocab_size:
             raise ValidationError(f"token id {tok} is outside the vocabulary (size {vocab_size})")
+    ids = cast("list[int]", given)  # every item was checked to be an int just above
     if len(ids) > limit:
         if not options.truncate:
             raise too_long(len(ids), limit)

@@ -42,7 +42,7 @@ class ModelView:
     name: str
     info: dict[str, str]
     live_workers: int
-    lanes: dict[str, LaneView] = field(default_factory=dict)
+    lanes: dict[keys.Lane, LaneView] = field(default_factory=dict)
     dead_letters: int = 0
     # The model's running counters (jobs/inputs/tokens answered, cache hits/misses).
     stats: dict[str, int] = field(default_factory=dict)

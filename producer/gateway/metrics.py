@@ -78,7 +78,7 @@ class GatewayMetrics:
     def __init__(self) -> None:
         from prometheus_client import disable_created_metrics
 
-        disable_created_metrics()
+        disable_created_metrics()  # type: ignore[no-untyped-call]  # unannotated in prometheus_client
         self.registry = CollectorRegistry(auto_describe=False)
         self._counters = _Counters()
         self._hist: dict[str, Histogram] = {}

@@ -8,7 +8,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from importlib.metadata import PackageNotFoundError, version
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 from fastapi import FastAPI
@@ -26,6 +26,7 @@ from embedq.common.wire import (
     PredictParams,
     RerankParams,
     TokenizeParams,
+    TruncationDirection,
 )
 from embedq.producer.async_client import predict_inputs
 from embedq.producer.gateway.config import GatewayConfig
@@ -80,11 +81,16 @@ def _check_dimensions(dimensions: int | None, view: ModelView) -> None:
         )
 
 
+def _direction(value: str) -> TruncationDirection:
+    # The request schemas also accept "Right"/"Left", and lowercase them when validating.
+    return cast(TruncationDirection, value)
+
+
 def _rerank_params(query: str, truncate: bool | None, direction: str) -> dict[str, Any]:
     return RerankParams(
         query=query,
         truncate=truncate,
-        truncation_direction=direction,  # type: ignore[arg-type]
+        truncation_direction=_direction(direction),
     ).model_dump(exclude_defaults=True)
 
 
@@ -154,7 +160,7 @@ def add_routes(
         return EmbedParams(
             normalize=req.normalize,
             truncate=req.truncate,
-            truncation_direction=req.truncation_direction,  # type: ignore[arg-type]
+            truncation_direction=_direction(req.truncation_direction),
             prompt_name=req.prompt_name,
             dimensions=req.dimensions,
         ).model_dump(exclude_defaults=True)
@@ -178,7 +184,7 @@ def add_routes(
         metrics.received("embed", batch)
         params = EmbedAllParams(
             truncate=req.truncate,
-            truncation_direction=req.truncation_direction,  # type: ignore[arg-type]
+            truncation_direction=_direction(req.truncation_direction),
             prompt_name=req.prompt_name,
         ).model_dump(exclude_defaults=True)
         outcome = await dispatcher.run("embed_all", inputs, params)
@@ -195,7 +201,7 @@ def add_routes(
         metrics.received("embed", batch)
         params = EmbedSparseParams(
             truncate=req.truncate,
-            truncation_direction=req.truncation_direction,  # type: ignore[arg-type]
+            truncation_direction=_direction(req.truncation_direction),
             prompt_name=req.prompt_name,
             top_k=req.top_k,
             threshold=req.threshold,
@@ -269,7 +275,7 @@ def add_routes(
         metrics.received("predict", not single)
         params = PredictParams(
             truncate=req.truncate,
-            truncation_direction=req.truncation_direction,  # type: ignore[arg-type]
+            truncation_direction=_direction(req.truncation_direction),
         ).model_dump(exclude_defaults=True)
         outcome = await dispatcher.run("predict", items, params)
         logits, labels = outcome.scores()
@@ -289,7 +295,7 @@ def add_routes(
         params = EmbedParams(
             normalize=True,
             truncate=p.truncate if p else None,
-            truncation_direction=(p.truncation_direction if p else "right"),  # type: ignore[arg-type]
+            truncation_direction=_direction(p.truncation_direction if p else "right"),
             prompt_name=p.prompt_name if p else None,
         ).model_dump(exclude_defaults=True)
         inputs: list[Input] = [req.inputs.source_sentence, *req.inputs.sentences]
@@ -329,9 +335,10 @@ def add_routes(
         req = validate(DecodeRequest, await read_json(request, config.payload_limit))
         ids: list[Input]
         if req.ids and isinstance(req.ids[0], list):
-            ids = [list(x) for x in req.ids]  # type: ignore[arg-type]
+            ids = [list(x) for x in req.ids]
         else:
-            ids = [list(req.ids)]  # type: ignore[arg-type]
+            # One id list: mypy does not narrow the union on ids[0].
+            ids = [list(cast("list[int]", req.ids))]
         if not ids or any(not x for x in ids):
             raise EmptyInputError("`ids` cannot be empty")
         metrics.received("request", len(ids) > 1)

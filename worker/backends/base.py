@@ -43,8 +43,13 @@ class ModelDescription:
 
 
 class Backend(Protocol):
-    description: ModelDescription
-    tokenizer: TextTokenizer
+    # Read-only members: a backend may hold a more specific tokenizer (FakeTokenizer,
+    # HFTokenizer), which a settable `tokenizer: TextTokenizer` would not accept.
+    @property
+    def description(self) -> ModelDescription: ...
+
+    @property
+    def tokenizer(self) -> TextTokenizer: ...
 
     def embed(self, batch: Sequence[Sequence[int]]) -> np.ndarray:
         """Pooled, un-normalised float32 vectors (len(batch) × dim) for token-id sequences."""

@@ -54,6 +54,19 @@ class FakeTokenizer:
             out.append([_CLS, *ids, _SEP])
         return out
 
+    def encode_pairs(
+        self, pairs: Sequence[tuple[str, str]], options: EncodeOptions
+    ) -> list[tuple[list[int], list[int]]]:
+        # Not a kind the fake model serves (the worker never routes score kinds to an
+        # embedding model); defined for the protocol's sake: [CLS] a [SEP] b [SEP], each
+        # side encoded (and truncated) on its own.
+        out = []
+        for first, second in pairs:
+            a = self.encode([first], options)[0]
+            b = self.encode([second], options)[0][1:]
+            out.append(([*a, *b], [0] * len(a) + [1] * len(b)))
+        return out
+
     def tokenize(
         self, texts: Sequence[str], *, add_special_tokens: bool, prompt: str | None
     ) -> list[TokenList]:
@@ -116,12 +129,12 @@ class FakeBackend:
         # One gather for the whole batch: padding points at the table's zero row.
         lengths = np.fromiter((len(ids) for ids in batch), dtype=np.int64, count=len(batch))
         width = int(lengths.max())
-        ids = np.zeros((len(batch), width), dtype=np.int64)
+        padded = np.zeros((len(batch), width), dtype=np.int64)
         for row, seq in enumerate(batch):
-            ids[row, : len(seq)] = seq
-        rows = (ids * 31 + np.arange(width) * 7919) % _TABLE_ROWS
+            padded[row, : len(seq)] = seq
+        rows = (padded * 31 + np.arange(width) * 7919) % _TABLE_ROWS
         rows[np.arange(width)[None, :] >= lengths[:, None]] = _TABLE_ROWS
-        out = self._table[rows].sum(axis=1)
+        out: np.ndarray = self._table[rows].sum(axis=1)  # numpy types the sum as Any
         if self._delay_per_token:
             time.sleep(self._delay_per_token * sum(len(ids) for ids in batch))
         return out

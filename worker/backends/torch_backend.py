@@ -89,7 +89,10 @@ def resolve_dtype(requested: str, device: str, quantize: str | None = None) -> s
     return "bfloat16" if cpu_has_fast_bf16() else "float32"
 
 
-def _pool(hidden: torch.Tensor, mask: torch.Tensor, lengths: torch.Tensor, pooling: Pooling) -> torch.Tensor:
+def _pool(
+    hidden: torch.Tensor, mask: torch.Tensor, lengths: torch.Tensor, pooling: Pooling | None
+) -> torch.Tensor:
+    # None: the layout names no pooling (models that are not served `embed`); mean, as "mean".
     hidden = hidden.float()
     if pooling == "cls":
         return hidden[:, 0]
@@ -342,7 +345,9 @@ class TorchBackend:
         extra = {"token_type_ids": types} if self._uses_types else {}
         with torch.inference_mode():
             logits = self.model(input_ids=ids, attention_mask=mask, **extra).logits
-        return logits.float().to("cpu").numpy()
+        # transformers models are untyped: the logits are Any to mypy.
+        out: np.ndarray = logits.float().to("cpu").numpy()
+        return out
 
     def _yes_no_logit(self, batch: Sequence[Sequence[int]]) -> np.ndarray:
         """logit(yes) − logit(no) at each sequence's last token: its sigmoid is the
@@ -356,7 +361,8 @@ class TorchBackend:
             last = hidden[rows, lengths - 1]  # right padding: the last real token
             head = self.model.get_output_embeddings()
             logits = head(last)[:, list(self._yes_no)].float()
-        return (logits[:, 0] - logits[:, 1]).unsqueeze(1).to("cpu").numpy()
+        out: np.ndarray = (logits[:, 0] - logits[:, 1]).unsqueeze(1).to("cpu").numpy()
+        return out
 
     def embed_sparse(self, batch: Sequence[Sequence[int]]) -> list[tuple[np.ndarray, np.ndarray]]:
         ids, mask, _lengths = self._collate(batch)
