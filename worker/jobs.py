@@ -12,34 +12,23 @@ from embedq.common.codec import vectors_to_bytes
 from embedq.common.errors import EmbedqError
 from embedq.common.wire import (
     SCORE_KINDS,
-    DecodeParams,
     EmbedAllParams,
     EmbedParams,
     EmbedResult,
     EmbedSparseParams,
     ErrorBody,
     Job,
-    PredictParams,
+    KindParams,
     Reply,
     ReplyMeta,
-    RerankParams,
     SparseVector,
-    TokenizeParams,
     TokenList,
 )
 from embedq.worker.postprocess import finish_vectors
 from embedq.worker.stream import Delivery
 
 # The typed params of the kinds a worker runs (validated at admission).
-JobParams: TypeAlias = (
-    EmbedParams
-    | EmbedAllParams
-    | EmbedSparseParams
-    | RerankParams
-    | PredictParams
-    | TokenizeParams
-    | DecodeParams
-)
+JobParams: TypeAlias = KindParams
 
 
 @dataclass(eq=False)
