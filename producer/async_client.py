@@ -73,8 +73,17 @@ def _as_inputs(texts: Texts) -> list[Any]:
     items: list[str | int | Sequence[int]] = list(texts)
     if items and all(isinstance(x, int) and not isinstance(x, bool) for x in items):
         return [items]
-    # Not all ids: every non-string is taken as an id list (a stray int raises TypeError).
-    return [list(cast("Sequence[int]", x)) if not isinstance(x, str) else x for x in items]
+    out: list[Any] = []
+    for x in items:
+        if isinstance(x, str):
+            out.append(x)
+        elif isinstance(x, list | tuple):  # token ids (their values are checked by the worker)
+            out.append(list(cast("Sequence[int]", x)))
+        else:  # a stray id among texts, bytes, None...: say so rather than guess
+            raise ValidationError(
+                f"`inputs` must be texts or lists of token ids (found {type(x).__name__!r})"
+            )
+    return out
 
 
 class AsyncClient:

@@ -193,6 +193,12 @@ def test_sync_client(redis_server: RedisServer, tmp_path: Path) -> None:
                 c.embed("x", dimensions=0)
             with pytest.raises(ValidationError, match="embedding size"):
                 c.embed("x", dimensions=1000)
+            # A stray id, bytes or None among texts: a typed error, not a TypeError (or
+            # bytes silently sent as token ids).
+            for bad in (["a", 1], ["a", b"raw"], [None], [1.5]):
+                with pytest.raises(ValidationError, match="texts or lists of token ids"):
+                    c.embed(bad)  # type: ignore[arg-type]
+            assert c.embed([[101, 2023, 102], "a b"]).shape == (2, 384)
     finally:
         worker.stop()
 
