@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import bisect
 import heapq
-import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
@@ -91,7 +90,7 @@ class Batcher(Generic[T]):
         self._by_age: tuple[list[int], list[int]] = ([], [])
         # Key and item of every waiting seq number.
         self._live: dict[int, tuple[int, T]] = {}
-        self._counter = itertools.count()
+        self._next_seq = 0  # arrival number of the next sequence
         self._tokens = 0
         # Seq numbers of the urgent sequences waiting, and their tokens.
         self._urgent_seqs: set[int] = set()
@@ -120,10 +119,8 @@ class Batcher(Generic[T]):
             raise ValueError("one length per item")
         if min(lengths, default=1) < 1:
             raise ValueError("a sequence has at least one token")
-        first = next(self._counter)
-        seqs = range(first, first + len(items))
-        if len(items) > 1:  # the counter hands out a block of numbers for the job
-            self._counter = itertools.count(seqs.stop)
+        seqs = range(self._next_seq, self._next_seq + len(items))
+        self._next_seq = seqs.stop
         new_keys = [length << _SHIFT | seq for length, seq in zip(lengths, seqs, strict=True)]
         self._incoming += new_keys
         self._live.update(zip(seqs, zip(new_keys, items, strict=True), strict=True))
