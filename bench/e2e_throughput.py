@@ -60,7 +60,7 @@ MODEL_NAME = "sentence-transformers/all-MiniLM-L6-v2"
 # Keys the worker writes (see embedq.common.keys): heartbeats and the model's description.
 WORKERS_KEY = f"embedq:{{{MODEL_NAME}}}:workers"
 INFO_KEY = f"embedq:{{{MODEL_NAME}}}:info"
-WORKER_READY_TIMEOUT_S = 120.0
+WORKER_READY_TIMEOUT_S = 600.0  # --compile warms every length bucket first
 WARMUP_TEXTS = 64
 # (infinity's --dtype, label): "auto" is its default, float32 on a CPU; bf16 is its best here.
 INFINITY_DTYPES = (("auto", "fp32"), ("bfloat16", "bf16"))
@@ -167,7 +167,13 @@ def run_in_process(corpus: list[str], args: argparse.Namespace) -> Run:
 
     model_id, path = resolve_model(None, "torch")
     config = WorkerConfig(
-        model_id=model_id, model_path=path, served_model_name=model_id, dtype=args.dtype, threads=args.threads
+        model_id=model_id,
+        model_path=path,
+        served_model_name=model_id,
+        dtype=args.dtype,
+        threads=args.threads,
+        quantize=args.quantize,
+        compile=args.compile,
     )
     backend = TorchBackend(config)
     backend.warmup()
@@ -209,6 +215,8 @@ def start_worker(url: str, args: argparse.Namespace, log_path: Path) -> subproce
         str(args.max_batch_requests),
         "--threads",
         str(args.threads),
+        *(["--quantize", args.quantize] if args.quantize else []),
+        *(["--compile"] if args.compile else []),
     ]
     log = log_path.open("wb")
     try:
@@ -416,7 +424,13 @@ def print_summary(report: dict[str, Any], runs: list[Run]) -> None:
     rows = [
         ("corpus", f"{corpus['passages']} passages, fingerprint {corpus['fingerprint']}"),
         ("tokens", f"{corpus['tokens_total']} total, {corpus['tokens_mean']:.1f} mean (capped at 256)"),
-        ("worker dtype", f"{report['worker_dtype']} (requested {cfg['dtype']})"),
+        (
+            "worker dtype",
+            f"{report['worker_dtype']} (requested {cfg['dtype']}"
+            + (f", --quantize {cfg['quantize']}" if cfg.get("quantize") else "")
+            + (", --compile" if cfg.get("compile") else "")
+            + ")",
+        ),
         ("worker start", f"{report['worker_startup_s']:.1f}s"),
         ("cosine vs ST", f"min {q['min']:.6f}, mean {q['mean']:.6f}" if q else "skipped"),
         (
@@ -457,6 +471,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=["auto", "float32", "bfloat16", "float16"],
         help="the worker's --dtype",
     )
+    # Opt-in speed-ups, applied to the in-process run and to the worker alike.
+    p.add_argument("--quantize", choices=["int8"], default=None, help="the worker's --quantize (CPU)")
+    p.add_argument("--compile", action="store_true", help="the worker's --compile (torch.compile)")
     p.add_argument("--batch-size", type=int, default=32, help="sentence-transformers batch size")
     p.add_argument("--chunk-size", type=int, default=64, help="embed_many chunk size")
     p.add_argument("--max-in-flight", type=int, default=16, help="embed_many chunks outstanding")

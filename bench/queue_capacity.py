@@ -74,6 +74,27 @@ async def measure(url: str, args: argparse.Namespace, pids: dict[str, int]) -> N
             )
 
 
+def start_worker(url: str) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "embedq",
+            "--log-level",
+            "warning",
+            "worker",
+            "--backend",
+            "fake",
+            "--served-model-name",
+            MODEL,
+            "--redis-url",
+            url,
+            "--max-batch-requests",
+            "256",
+        ],
+    )
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--requests", type=int, default=20000)
@@ -84,37 +105,26 @@ def main() -> int:
         default=[1, 32],
         help="inputs per request, one measurement each (comma-separated)",
     )
+    p.add_argument("--workers", type=int, default=1, help="fake worker processes sharing the stream")
     args = p.parse_args()
     with tempfile.TemporaryDirectory(prefix="embedq-cap-") as tmp, RedisServer(Path(tmp)) as server:
-        worker = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "embedq",
-                "--log-level",
-                "warning",
-                "worker",
-                "--backend",
-                "fake",
-                "--served-model-name",
-                MODEL,
-                "--redis-url",
-                server.url,
-                "--max-batch-requests",
-                "256",
-            ],
-        )
+        workers = [start_worker(server.url) for _ in range(args.workers)]
         try:
             r = redis.Redis.from_url(server.url)
-            while r.zcard(keys.workers_key(MODEL)) == 0:
-                if worker.poll() is not None:
-                    raise SystemExit("worker exited at start")
+            while r.zcard(keys.workers_key(MODEL)) < len(workers):
+                if any(w.poll() is not None for w in workers):
+                    raise SystemExit("a worker exited at start")
                 time.sleep(0.1)
-            pids = {"client": os.getpid(), "worker": worker.pid, "redis": server.proc.pid}
+            pids = {"client": os.getpid(), "redis": server.proc.pid}
+            pids.update(
+                {f"worker{i}" if len(workers) > 1 else "worker": w.pid for i, w in enumerate(workers)}
+            )
             asyncio.run(measure(server.url, args, pids))
         finally:
-            worker.terminate()
-            worker.wait(timeout=60)
+            for w in workers:
+                w.terminate()
+            for w in workers:
+                w.wait(timeout=60)
     return 0
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import itertools
 import os
 import time
 from collections.abc import Sequence
@@ -117,8 +118,27 @@ class FakeBackend:
         self._raise_id = FakeTokenizer._word_id(RAISE_WORD)
         self._crash_id = FakeTokenizer._word_id(CRASH_WORD)
         self._hang_id = FakeTokenizer._word_id(HANG_WORD)
+        self._poison_ids = np.array([self._raise_id, self._crash_id, self._hang_id], dtype=np.int64)
 
     def embed(self, batch: Sequence[Sequence[int]]) -> np.ndarray:
+        lengths = np.fromiter(map(len, batch), dtype=np.int64, count=len(batch))
+        flat = np.fromiter(itertools.chain.from_iterable(batch), dtype=np.int64, count=int(lengths.sum()))
+        if np.isin(flat, self._poison_ids).any():  # one vector test; the rare hit looks closer
+            self._poison(batch)
+        # Ids laid into a padded matrix by one mask assignment (no Python loop per row);
+        # padded positions point at the table's zero row.
+        width = int(lengths.max())
+        positions = np.arange(width)
+        real = positions[None, :] < lengths[:, None]
+        rows = np.full((len(batch), width), _TABLE_ROWS, dtype=np.int64)
+        at = np.broadcast_to(positions, real.shape)[real]  # each token's position, in flat's order
+        rows[real] = (flat * 31 + at * 7919) % _TABLE_ROWS
+        out: np.ndarray = self._table[rows].sum(axis=1)
+        if self._delay_per_token:
+            time.sleep(self._delay_per_token * flat.size)
+        return out
+
+    def _poison(self, batch: Sequence[Sequence[int]]) -> None:
         for ids in batch:
             if self._crash_id in ids:
                 os._exit(17)  # a segfault-like death: no cleanup, no reply
@@ -126,18 +146,6 @@ class FakeBackend:
                 raise RuntimeError("poison input")
             if self._hang_id in ids:
                 time.sleep(24 * 3600)  # a model stuck in native code
-        # One gather for the whole batch: padding points at the table's zero row.
-        lengths = np.fromiter((len(ids) for ids in batch), dtype=np.int64, count=len(batch))
-        width = int(lengths.max())
-        padded = np.zeros((len(batch), width), dtype=np.int64)
-        for row, seq in enumerate(batch):
-            padded[row, : len(seq)] = seq
-        rows = (padded * 31 + np.arange(width) * 7919) % _TABLE_ROWS
-        rows[np.arange(width)[None, :] >= lengths[:, None]] = _TABLE_ROWS
-        out: np.ndarray = self._table[rows].sum(axis=1)  # numpy types the sum as Any
-        if self._delay_per_token:
-            time.sleep(self._delay_per_token * sum(len(ids) for ids in batch))
-        return out
 
     def embed_all(self, batch: Sequence[Sequence[int]]) -> list[np.ndarray]:
         self.embed(batch)  # the same poison hooks and delay
