@@ -1,8 +1,9 @@
 """The worker's side of a model's request stream: every Redis command it sends.
 
-Delivery contract: at least once. A reply is written to the caller's stream before the
-request is acknowledged and deleted (XACK + XDEL, never trimming), so a crash in
-between yields a duplicate answer that the client drops, never a lost request.
+Delivery contract: at least once. A reply is written to the caller's stream and the
+request acknowledged and deleted (XACK + XDEL, never trimming) in one script, so Redis
+applies both or, when the reply cannot be written, neither: the request is never lost,
+and it leaves the stream by the time its caller can read the answer.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from dataclasses import dataclass
 from typing import TypeAlias, cast
 
 import redis.asyncio as aioredis
-from redis.exceptions import ResponseError
+from redis.exceptions import NoScriptError, ResponseError
 from redis.typing import EncodableT, FieldT, KeyT, StreamIdT
 
 from embedq.common import keys
@@ -41,6 +42,22 @@ end
 return owned
 """
 
+
+# A reply, then the request's acknowledgement, atomically. A failing XADD (the reply key
+# is not a stream, Redis out of memory) aborts the script before the XACK: the request
+# stays pending for a retry or the dead-letter stream. Acknowledging in a second round
+# trip instead left an answered request in the stream until then, so a caller could
+# already be sending its next one.
+# KEYS: reply stream, request stream, suspects hash.
+# ARGV: reply field, payload, reply TTL (ms), group, entry id, suspects field.
+_REPLY_AND_ACK_SCRIPT = """
+redis.call('XADD', KEYS[1], '*', ARGV[1], ARGV[2])
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+redis.call('XACK', KEYS[2], ARGV[4], ARGV[5])
+redis.call('XDEL', KEYS[2], ARGV[5])
+redis.call('HDEL', KEYS[3], ARGV[6])
+return 1
+"""
 
 # One more unfinished forward pass for each field (one command for a whole batch).
 _MARK_SUSPECTS_SCRIPT = """
@@ -106,6 +123,7 @@ class JobStream:
         self._reply_ttl_ms = reply_ttl_s * 1000
         self._renew = redis.register_script(_RENEW_SCRIPT)
         self._mark_suspects = redis.register_script(_MARK_SUSPECTS_SCRIPT)
+        self._reply_and_ack = redis.register_script(_REPLY_AND_ACK_SCRIPT)
         self._info: dict[str, str] | None = None
 
     async def ensure_group(self) -> None:
@@ -236,23 +254,41 @@ class JobStream:
         await pipe.execute()
 
     async def reply_and_ack(self, replies: Sequence[OutgoingReply]) -> list[tuple[OutgoingReply, Exception]]:
-        """Write replies, then acknowledge and delete the requests whose reply was written.
+        """Write each reply and acknowledge and delete its request, atomically per reply
+        (one round trip for all). Returns the replies Redis refused, with its error;
+        their requests stay pending. Connection errors raise."""
+        results = await self._reply_and_ack_once(replies)
+        if any(isinstance(res, NoScriptError) for res in results):
+            # A restarted (or flushed) Redis lost its script cache: load it, send those again.
+            await self.redis.script_load(_REPLY_AND_ACK_SCRIPT)
+            again = [r for r, res in zip(replies, results, strict=True) if isinstance(res, NoScriptError)]
+            retried = iter(await self._reply_and_ack_once(again))
+            results = [next(retried) if isinstance(res, NoScriptError) else res for res in results]
+        return [(r, res) for r, res in zip(replies, results, strict=True) if isinstance(res, Exception)]
 
-        Returns the replies Redis refused, with its error; connection errors raise.
-        """
+    async def _reply_and_ack_once(self, replies: Sequence[OutgoingReply]) -> list[object]:
         if not replies:
             return []
+        # EVALSHA queued by hand: redis-py's pipelined Script objects send SCRIPT EXISTS
+        # on every execute (a round trip, and a command the worker's ACL user lacks).
         pipe = self.redis.pipeline(transaction=False)
+        sha = self._reply_and_ack.sha
         for r in replies:
-            pipe.xadd(r.reply_to, {keys.REPLY_FIELD: r.payload})
-        # One expiry per reply stream, after its last reply (a client's replies share one).
-        for reply_to in dict.fromkeys(r.reply_to for r in replies):
-            pipe.pexpire(reply_to, self._reply_ttl_ms)
-        results = await pipe.execute(raise_on_error=False)
-        failed = [(r, res) for r, res in zip(replies, results, strict=False) if isinstance(res, Exception)]
-        refused = {id(r) for r, _ in failed}
-        await self.ack([r.delivery for r in replies if id(r) not in refused])
-        return failed
+            d = r.delivery
+            pipe.evalsha(
+                sha,
+                3,
+                r.reply_to,
+                d.stream,
+                self.suspects,
+                keys.REPLY_FIELD,
+                r.payload,
+                self._reply_ttl_ms,
+                self.group,
+                d.entry_id,
+                self._suspect_field(d),
+            )
+        return list(await pipe.execute(raise_on_error=False))
 
     @staticmethod
     def _suspect_field(d: Delivery) -> str:
