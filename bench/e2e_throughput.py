@@ -60,7 +60,8 @@ MODEL_NAME = "sentence-transformers/all-MiniLM-L6-v2"
 # Keys the worker writes (see embedq.common.keys): heartbeats and the model's description.
 WORKERS_KEY = f"embedq:{{{MODEL_NAME}}}:workers"
 INFO_KEY = f"embedq:{{{MODEL_NAME}}}:info"
-WORKER_READY_TIMEOUT_S = 600.0  # --compile warms every length bucket first
+WORKER_READY_TIMEOUT_S = 120.0
+COMPILED_WORKER_READY_TIMEOUT_S = 600.0  # --compile warms every length bucket first
 WARMUP_TEXTS = 64
 # (infinity's --dtype, label): "auto" is its default, float32 on a CPU; bf16 is its best here.
 INFINITY_DTYPES = (("auto", "fp32"), ("bfloat16", "bf16"))
@@ -225,16 +226,18 @@ def start_worker(url: str, args: argparse.Namespace, log_path: Path) -> subproce
         log.close()  # the child has its own copy of the descriptor
 
 
-def wait_for_worker(url: str, proc: subprocess.Popen[bytes], log_path: Path) -> str:
+def wait_for_worker(
+    url: str, proc: subprocess.Popen[bytes], log_path: Path, timeout_s: float = WORKER_READY_TIMEOUT_S
+) -> str:
     """Block until the worker heartbeats; returns the dtype it resolved to."""
     client = redis.Redis.from_url(url)
-    deadline = time.monotonic() + WORKER_READY_TIMEOUT_S
+    deadline = time.monotonic() + timeout_s
     try:
         while client.zcard(WORKERS_KEY) == 0:
             if proc.poll() is not None:
                 raise RuntimeError(f"worker exited with {proc.returncode}:\n{tail(log_path)}")
             if time.monotonic() > deadline:
-                raise RuntimeError(f"worker not ready after {WORKER_READY_TIMEOUT_S:g}s:\n{tail(log_path)}")
+                raise RuntimeError(f"worker not ready after {timeout_s:g}s:\n{tail(log_path)}")
             time.sleep(0.2)
         dtype = client.hget(INFO_KEY, "dtype")
         return dtype.decode() if isinstance(dtype, bytes) else "unknown"
@@ -288,7 +291,8 @@ def embedq_stack(args: argparse.Namespace) -> Iterator[tuple[str, str, float]]:
         try:
             started = time.perf_counter()
             proc = start_worker(server.url, args, log_path)
-            dtype = wait_for_worker(server.url, proc, log_path)
+            timeout_s = COMPILED_WORKER_READY_TIMEOUT_S if args.compile else WORKER_READY_TIMEOUT_S
+            dtype = wait_for_worker(server.url, proc, log_path, timeout_s)
             startup_s = time.perf_counter() - started
             print(f"  worker ready in {startup_s:.1f}s (dtype {dtype})", flush=True)
             yield server.url, dtype, startup_s
