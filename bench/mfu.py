@@ -16,15 +16,19 @@ MFU = achieved GFLOP/s ÷ the peak of the same dtype, as a fraction.
     python bench/mfu.py --limit 400 --dtypes float32,bfloat16 --json-out mfu.json
     python bench/mfu.py --first-request          # cold vs warmed first-request latency
 
-Like the worker, it sets OMP_WAIT_POLICY=PASSIVE unless the environment sets it.
+Like the worker, it sets OpenMP's idle waits (OMP_WAIT_POLICY, GOMP_SPINCOUNT) unless
+the environment sets them.
 """
 
 from __future__ import annotations
 
 import os
 
-# As the worker does (worker/main.py); must precede the first torch import.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+from embedq.worker.main import set_openmp_waits
+
+# As the worker does; must precede the first torch import, hence the imports below it.
+set_openmp_waits()
+# ruff: noqa: E402
 
 import argparse
 import json
@@ -316,7 +320,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     info = machine_info()
     print(f"machine: {info['cpu']}, {info['cores']} cores, {' '.join(info['isa'])}; torch {info['torch']}")
-    print(f"threads {args.threads}, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}")
+    print(
+        f"threads {args.threads}, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}, "
+        f"GOMP_SPINCOUNT={os.environ.get('GOMP_SPINCOUNT')}"
+    )
     report: dict[str, Any] = {"machine": info, "config": {k: str(v) for k, v in vars(args).items()}}
     if args.first_request:
         print("first request (fresh process each) ...", flush=True)

@@ -16,15 +16,19 @@ the worker cuts them. Per variant:
     python bench/quality.py --limit 400 --variants float32,int8,int8+compile --json-out q.json
     python bench/quality.py --limit 800 --fp16-limit 200    # float16 on a subset (slow CPUs)
 
-Like the worker, it sets OMP_WAIT_POLICY=PASSIVE unless the environment sets it.
+Like the worker, it sets OpenMP's idle waits (OMP_WAIT_POLICY, GOMP_SPINCOUNT) unless
+the environment sets them.
 """
 
 from __future__ import annotations
 
 import os
 
-# As the worker does (worker/main.py); must precede the first torch import.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+from embedq.worker.main import set_openmp_waits
+
+# As the worker does; must precede the first torch import, hence the imports below it.
+set_openmp_waits()
+# ruff: noqa: E402
 
 import argparse
 import json

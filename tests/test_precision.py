@@ -20,12 +20,11 @@ import torch
 from embedq import AsyncClient
 from embedq.common import keys
 from embedq.redis_server import RedisServer
+from embedq.worker.backends.int8 import GELU_FLOOR, Int8Linear, quantize_int8
 from embedq.worker.backends.torch_backend import (
     BUCKET_TOKENS,
-    Int8Linear,
     TorchBackend,
     bucket_length,
-    quantize_int8,
     resolve_dtype,
 )
 from embedq.worker.config import (
@@ -152,6 +151,55 @@ def test_int8_swaps_the_body_and_keeps_heads() -> None:
     model = Head()
     assert quantize_int8(model) == 2
     assert isinstance(model.body[0], Int8Linear) and isinstance(model.classifier, torch.nn.Linear)
+
+
+def test_gelu_floor_bounds_the_exact_gelu() -> None:
+    grid = torch.linspace(-8, 8, 160_001, dtype=torch.float64)
+    lowest = float(torch.nn.functional.gelu(grid).min())
+    assert GELU_FLOOR <= lowest < GELU_FLOOR + 1e-3
+
+
+def test_int8_linear_with_gelu_input_tracks_float() -> None:
+    torch.manual_seed(1)
+    linear = torch.nn.Linear(96, 32)
+    x = torch.randn(3, 7, 96) * 3
+    x[0, 2, 5] = 40.0  # an outlier far in the tail, where erf's exp underflows
+    x[1] = -torch.rand(7, 96) * 12  # a row of negatives only: its GELUs lie in [-0.17, 0]
+    with torch.inference_mode():
+        want = linear(torch.nn.functional.gelu(x))
+        got = Int8Linear(linear, gelu_input=True)(x)
+    rel = (got - want).norm(dim=-1) / want.norm(dim=-1)
+    assert float(rel.max()) < 0.02
+
+
+def test_int8_moves_only_exact_gelus_into_the_output_projection() -> None:
+    from transformers import BertConfig, BertModel
+
+    def tiny(act: str) -> BertModel:
+        cfg = BertConfig(
+            vocab_size=64,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+            hidden_act=act,
+        )
+        return BertModel(cfg).eval()
+
+    torch.manual_seed(2)
+    ids = torch.randint(0, 64, (2, 9))
+    for act, fused in (("gelu", True), ("gelu_new", False), ("relu", False)):
+        model = tiny(act)
+        with torch.inference_mode():
+            want = model(input_ids=ids).last_hidden_state
+        assert quantize_int8(model) == 2 * 6
+        layer = model.encoder.layer[0]
+        assert layer.output.dense.gelu_input is fused
+        assert isinstance(layer.intermediate.intermediate_act_fn, torch.nn.Identity) is fused
+        with torch.inference_mode():
+            got = model(input_ids=ids).last_hidden_state
+        cos = torch.nn.functional.cosine_similarity(got, want, dim=-1)
+        assert float(cos.min()) > 0.99, (act, cos)
 
 
 def test_int8_backend_stays_close_to_float32(fp32_vectors: np.ndarray) -> None:

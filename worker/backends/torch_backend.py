@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from embedq.worker.backends.base import ModelDescription
+from embedq.worker.backends.int8 import quantize_int8
 from embedq.worker.config import ConfigError, WorkerConfig, check_precision
 from embedq.worker.model_files import DenseLayer, ModelFolderError, Pooling, fingerprint, read_layout
 from embedq.worker.tokenization import HFTokenizer, LlmRerankTokenizer
@@ -135,71 +136,6 @@ WARMUP_MAX_TOKENS = 512
 def bucket_length(width: int, cap: int, step: int = BUCKET_TOKENS) -> int:
     """``width`` rounded up to a multiple of ``step``, but never past ``cap`` nor below ``width``."""
     return max(width, min(cap, -(-width // step) * step))
-
-
-class Int8Linear(torch.nn.Module):
-    """A Linear layer computed as an int8 × int8 → int32 matmul (``torch._int_mm``).
-
-    Weights: symmetric int8, one scale per output channel. Activations: asymmetric
-    uint8-range int8, one scale and zero point per *row* (token), computed on the fly.
-    ``torch.ao.quantization.quantize_dynamic`` uses one activation scale for the whole
-    batch instead: all-MiniLM-L6-v2's FFN inputs carry outlier channels ~15× the median,
-    and that one scale cost it cosine 0.88–0.95 to float32 (docs/benchmarks.md §5).
-    """
-
-    weight_q: torch.Tensor
-    weight_scale: torch.Tensor
-    weight_sum: torch.Tensor
-    bias: torch.Tensor | None
-
-    def __init__(self, linear: torch.nn.Linear) -> None:
-        super().__init__()
-        weight = linear.weight.detach().float()
-        scale = weight.abs().amax(dim=1).clamp(min=1e-12) / 127
-        q = torch.round(weight / scale[:, None]).clamp(-127, 127).to(torch.int8)
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.register_buffer("weight_q", q.t().contiguous())  # (in, out), as _int_mm takes it
-        self.register_buffer("weight_scale", scale)
-        # scale_n · Σ_k W[k, n], to take the activations' zero point back out of the sums.
-        self.register_buffer("weight_sum", q.sum(dim=1, dtype=torch.int32).float() * scale)
-        bias = None if linear.bias is None else linear.bias.detach().float().clone()
-        self.register_buffer("bias", bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Few passes over the activations: on CPU, these elementwise passes (not the int8
-        # matmul) are most of this layer's time unless torch.compile fuses them.
-        rows = x.reshape(-1, self.in_features)
-        lo = rows.amin(dim=1, keepdim=True).clamp_(max=0)
-        hi = rows.amax(dim=1, keepdim=True).clamp_(min=0)
-        scale = (hi - lo).div_(255).clamp_(min=1e-12)
-        zero = torch.round(lo / scale).neg_().sub_(128)  # lo maps to -128, 0 to an exact code
-        q = torch.addcmul(zero, rows, scale.reciprocal()).round_().clamp_(-128, 127).to(torch.int8)
-        # rows ≈ scale · (q − zero), so rows·W = scale · (q·W − zero · ΣW).
-        acc = torch.mul(torch._int_mm(q, self.weight_q), self.weight_scale)  # int32 → float32
-        out = acc.mul_(scale) if self.bias is None else torch.addcmul(self.bias, acc, scale)
-        out.addr_((zero * scale).squeeze(1), self.weight_sum, alpha=-1)
-        return out.reshape(*x.shape[:-1], self.out_features)
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, int8"
-
-
-def quantize_int8(model: torch.nn.Module) -> int:
-    """Swap the Linear layers of the transformer body for Int8Linear; returns how many.
-
-    Heads stay float32: a pooler, a classifier, an MLM or LM head (SPLADE, LLM rerankers)
-    sit outside ``model.base_model`` or under its ``pooler``, and are small or sensitive.
-    """
-    body: torch.nn.Module = getattr(model, "base_model", model)
-    swapped = 0
-    for name, module in list(body.named_modules()):
-        if not isinstance(module, torch.nn.Linear) or name.split(".")[0] == "pooler":
-            continue
-        parent_name, _, child = name.rpartition(".")
-        parent = body.get_submodule(parent_name) if parent_name else body
-        setattr(parent, child, Int8Linear(module))
-        swapped += 1
-    return swapped
 
 
 class TorchBackend:
