@@ -92,7 +92,7 @@ def _fuse_gelu_into_output(body: torch.nn.Module) -> set[str]:
     """BERT-style blocks (``intermediate.intermediate_act_fn`` feeding ``output.dense``):
     move the GELU into the output projection; returns the names of those projections."""
     fused: set[str] = set()
-    for name, module in body.named_modules():
+    for name, module in list(body.named_modules()):  # the loop replaces submodules
         inter, out = getattr(module, "intermediate", None), getattr(module, "output", None)
         act = getattr(inter, "intermediate_act_fn", None)
         dense = getattr(out, "dense", None)
