@@ -19,7 +19,7 @@ Policy (better than strict FIFO, and starvation-free):
 from __future__ import annotations
 
 import bisect
-import heapq
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
@@ -86,8 +86,9 @@ class Batcher(Generic[T]):
         # is O(n)), and a 32-input job would move it 32 times.
         self._incoming: list[int] = []
         self._urgent_incoming: list[int] = []
-        # Per lane (urgent first), a heap of seq numbers, lazily cleaned.
-        self._by_age: tuple[list[int], list[int]] = ([], [])
+        # Per lane (urgent first), its seq numbers in arrival order, lazily cleaned: they
+        # only grow, so a deque is already sorted and drops the oldest in O(1).
+        self._by_age: tuple[deque[int], deque[int]] = (deque(), deque())
         # Key and item of every waiting seq number.
         self._live: dict[int, tuple[int, T]] = {}
         self._next_seq = 0  # arrival number of the next sequence
@@ -130,15 +131,13 @@ class Batcher(Generic[T]):
             self._urgent_incoming += new_keys
             self._urgent_seqs.update(seqs)
             self._urgent_tokens += tokens
-        # Seq numbers only grow, so these are larger than every entry of the heap, and
-        # appending them keeps it a heap.
         self._by_age[0 if urgent else 1].extend(seqs)
 
     def _oldest(self, lane: int) -> int | None:
-        heap = self._by_age[lane]
-        while heap and heap[0] not in self._live:
-            heapq.heappop(heap)
-        return heap[0] if heap else None
+        queue, live = self._by_age[lane], self._live
+        while queue and queue[0] not in live:
+            queue.popleft()
+        return queue[0] if queue else None
 
     def _anchor_seq(self) -> tuple[int, bool]:
         """The seq number the next batch starts from, and whether it is urgent."""
@@ -160,44 +159,52 @@ class Batcher(Generic[T]):
             return False
         return cost <= limits.max_batch_tokens
 
-    def _padding_left(self, entries: list[int], lo: int, hi: int) -> int:
-        return _length(entries[hi]) - _length(entries[lo - 1]) if self._limits.padded else 0
-
-    def _padding_right(self, entries: list[int], hi: int, count: int) -> int:
-        return (_length(entries[hi + 1]) - _length(entries[hi])) * count if self._limits.padded else 0
-
     def _grow(self, entries: list[int], anchor: int) -> tuple[int, int]:
-        """The slice [lo, hi] of ``entries`` (sorted by length) cut around ``anchor``."""
-        lo = hi = anchor
-        total = _length(entries[anchor])
+        """The slice [lo, hi] of ``entries`` (sorted by length) cut around ``anchor``.
+
+        The batcher's hottest loop (one round per sequence taken), so the cost rule of
+        _fits is inlined on locals.
+        """
         limits = self._limits
-        while hi - lo + 1 < limits.max_batch_size:
-            count = hi - lo + 1
-            longest = _length(entries[hi])  # sorted by length: the longest is at hi
-            left = (
-                lo - 1
-                if lo > 0 and self._fits(longest, total + _length(entries[lo - 1]), count + 1)
-                else None
-            )
-            right = (
-                hi + 1
-                if hi + 1 < len(entries)
-                and self._fits(_length(entries[hi + 1]), total + _length(entries[hi + 1]), count + 1)
-                else None
-            )
-            if left is None and right is None:
+        cap, budget, padded = limits.max_batch_size, limits.max_batch_tokens, limits.padded
+        ratio = limits.max_padding_ratio
+        last = len(entries) - 1
+        lo = hi = anchor
+        longest = entries[anchor] >> _SHIFT  # sorted by length: the longest is at hi
+        total = longest
+        count = 1
+        while count < cap:
+            grown = count + 1
+            left = -1
+            if lo > 0:
+                length = entries[lo - 1] >> _SHIFT
+                if not padded:
+                    left = length if total + length <= budget else -1
+                else:
+                    cost = longest * grown
+                    if cost <= budget and (ratio is None or cost <= ratio * (total + length)):
+                        left = length
+            right = -1
+            if hi < last:
+                length = entries[hi + 1] >> _SHIFT
+                if not padded:
+                    right = length if total + length <= budget else -1
+                else:
+                    cost = length * grown
+                    if cost <= budget and (ratio is None or cost <= ratio * (total + length)):
+                        right = length
+            if left < 0 and right < 0:
                 break
             # Grow where less padding is added: a shorter neighbour pads itself up to the
             # longest; a longer one widens every row already taken.
-            if right is None or (
-                left is not None
-                and self._padding_left(entries, lo, hi) <= self._padding_right(entries, hi, count)
-            ):
+            if right < 0 or (left >= 0 and (not padded or longest - left <= (right - longest) * count)):
                 lo -= 1
-                total += _length(entries[lo])
+                total += left
             else:
                 hi += 1
-                total += _length(entries[hi])
+                total += right
+                longest = right
+            count = grown
         return lo, hi
 
     def _settle(self) -> None:
@@ -235,17 +242,20 @@ class Batcher(Generic[T]):
             elif self._urgent_by_length:  # urgent neighbours of a bulk anchor ride along
                 _remove(self._urgent_by_length, chosen)
             del entries[lo : hi + 1]
-        items: list[T] = []
-        lengths: list[int] = []
-        live, urgent_seqs = self._live, self._urgent_seqs
-        for k in chosen:
-            seq, length = k & _SEQ_MASK, k >> _SHIFT
-            items.append(live.pop(seq)[1])
-            lengths.append(length)
-            if seq in urgent_seqs:
-                urgent_seqs.remove(seq)
-                self._urgent_tokens -= length
-        self._tokens -= sum(lengths)
+        seqs = [k & _SEQ_MASK for k in chosen]
+        lengths = [k >> _SHIFT for k in chosen]
+        pop = self._live.pop
+        items: list[T] = [pop(seq)[1] for seq in seqs]
+        tokens = sum(lengths)
+        self._tokens -= tokens
+        urgent_seqs = self._urgent_seqs
+        taken = urgent_seqs.intersection(seqs)
+        if taken:
+            urgent_seqs.difference_update(taken)
+            if len(taken) == len(seqs):
+                self._urgent_tokens -= tokens
+            else:
+                self._urgent_tokens -= sum(n for seq, n in zip(seqs, lengths, strict=True) if seq in taken)
         return Batch(items=items, lengths=lengths)
 
     def _urgent_batch(self, key: int) -> list[int]:

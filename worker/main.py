@@ -8,6 +8,7 @@ import os
 import signal
 
 from embedq.common import tracing
+from embedq.common.heap import freeze_startup_heap
 from embedq.worker.backends import load_backend
 from embedq.worker.config import WorkerConfig
 from embedq.worker.service import Worker
@@ -19,6 +20,7 @@ async def serve(config: WorkerConfig) -> None:
     loop = asyncio.get_running_loop()
     backend = await loop.run_in_executor(None, load_backend, config)
     await loop.run_in_executor(None, backend.warmup)
+    log.debug("%d start-up objects frozen out of the garbage collector", freeze_startup_heap())
     worker = Worker(config, backend)
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, worker.stop)

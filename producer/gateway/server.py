@@ -9,6 +9,7 @@ from types import FrameType
 import uvicorn
 
 from embedq.common import tracing
+from embedq.common.heap import freeze_startup_heap
 from embedq.producer.gateway.app import create_app
 from embedq.producer.gateway.config import GatewayConfig
 
@@ -42,6 +43,7 @@ def run_gateway(config: GatewayConfig) -> None:
             timeout_graceful_shutdown=30,
         )
     )
+    freeze_startup_heap()
     try:
         server.run()
     finally:
