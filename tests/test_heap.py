@@ -5,12 +5,17 @@ from __future__ import annotations
 import gc
 import os
 import platform
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from embedq.common.heap import freeze_startup_heap
+from embedq.redis_server import RedisServer
+
+from .helpers import start_worker
 
 
 def test_freeze_moves_live_objects_out_of_every_generation() -> None:
@@ -47,3 +52,15 @@ def test_the_worker_tunes_glibc_unless_the_operator_did(env: dict[str, str], exp
         check=True,
     )
     assert out.stdout.strip() == expected
+
+
+def test_a_worker_sets_up_its_memory_at_start(redis_server: RedisServer, tmp_path: Path) -> None:
+    worker = start_worker(redis_server.url, tmp_path, "--backend", "fake")
+    try:
+        log = worker.log()
+        frozen = re.search(r"(\d+) start-up objects frozen out of the garbage collector", log)
+        assert frozen is not None and int(frozen.group(1)) > 1000, log[-2000:]
+        expected = "True" if platform.libc_ver()[0] == "glibc" else "False"
+        assert f"glibc keeps freed memory between batches: {expected}" in log
+    finally:
+        worker.stop()

@@ -22,7 +22,7 @@ async def serve(config: WorkerConfig) -> None:
     loop = asyncio.get_running_loop()
     backend = await loop.run_in_executor(None, load_backend, config)
     await loop.run_in_executor(None, backend.warmup)
-    log.debug("%d start-up objects frozen out of the garbage collector", freeze_startup_heap())
+    log.info("%d start-up objects frozen out of the garbage collector", freeze_startup_heap())
     worker = Worker(config, backend)
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, worker.stop)
@@ -81,7 +81,7 @@ def keep_freed_memory() -> bool:
 
 def run_worker(config: WorkerConfig) -> None:
     set_openmp_waits()
-    keep_freed_memory()
+    log.info("glibc keeps freed memory between batches: %s", keep_freed_memory())
     tracing.configure_from_env("embedq-worker")
     try:
         asyncio.run(serve(config))
