@@ -47,7 +47,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from corpus import build_corpus, fingerprint  # noqa: E402
 
-from embedq.worker.backends.torch_backend import TorchBackend, bucket_length  # noqa: E402
+from embedq.worker.backends.torch_backend import TorchBackend  # noqa: E402
 from embedq.worker.config import WorkerConfig, resolve_model  # noqa: E402
 from embedq.worker.tokenization import EncodeOptions  # noqa: E402
 
@@ -201,7 +201,7 @@ def time_pass(backend: TorchBackend, ids: list[list[int]], batches: list[list[in
 
 def padded_width(backend: TorchBackend, seqs: list[list[int]]) -> int:
     width = max(len(s) for s in seqs)
-    return bucket_length(width, backend.description.max_input_length) if backend.compiled else width
+    return backend.padded_width(width)
 
 
 def run_models(corpus: list[str], args: argparse.Namespace) -> list[ModelRun]:

@@ -9,6 +9,7 @@ The int8 bound comes from bench/quality.py and bench/e2e_throughput.py (docs/ben
 from __future__ import annotations
 
 import argparse
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -21,12 +22,8 @@ from embedq import AsyncClient
 from embedq.common import keys
 from embedq.redis_server import RedisServer
 from embedq.worker.backends.int8 import GELU_FLOOR, Int8Linear, quantize_int8
-from embedq.worker.backends.torch_backend import (
-    BUCKET_TOKENS,
-    TorchBackend,
-    bucket_length,
-    resolve_dtype,
-)
+from embedq.worker.backends.torch_backend import TorchBackend, length_step, resolve_dtype
+from embedq.worker.buckets import COMPILE_MIN_STEP, EAGER_MIN_STEP, bucket_length
 from embedq.worker.config import (
     ConfigError,
     WorkerConfig,
@@ -215,26 +212,47 @@ def test_int8_backend_stays_close_to_float32(fp32_vectors: np.ndarray) -> None:
     assert float(one[0] @ fp32_vectors[0]) >= INT8_MIN_COSINE
 
 
-# ---------------------------------------------------------------- compile: buckets
-def test_bucket_length() -> None:
-    assert BUCKET_TOKENS == 16
-    assert [bucket_length(w, 256) for w in (1, 16, 17, 250, 256)] == [16, 16, 32, 256, 256]
-    assert bucket_length(100, 100) == 100  # capped at the model's limit
-    assert bucket_length(300, 256) == 300  # never shorter than the batch
-    assert bucket_length(5, 512, step=8) == 8
+# ---------------------------------------------------------------- length buckets
+def test_length_step_pads_only_where_kernels_are_built_per_shape() -> None:
+    assert length_step("cpu", "bfloat16", None, compiled=False) == EAGER_MIN_STEP
+    assert length_step("cpu", "float32", None, compiled=False) == 0  # MKL sgemm: no set-up
+    assert length_step("cpu", "float32", "int8", compiled=False) == 0
+    assert length_step("cuda:0", "bfloat16", None, compiled=False) == 0
+    assert length_step("cpu", "float32", None, compiled=True) == COMPILE_MIN_STEP
+    assert length_step("cuda:0", "float16", None, compiled=True) == COMPILE_MIN_STEP
 
 
 def test_bucket_padding_leaves_vectors_unchanged(fp32: TorchBackend, fp32_vectors: np.ndarray) -> None:
     # The padding --compile adds (without compiling here): masked pad tokens change nothing.
     ids = fp32.tokenizer.encode(TEXTS, ENCODE)
-    fp32.compiled = True
+    assert fp32.padded_width(37) == 37
+    fp32._length_step = COMPILE_MIN_STEP
     try:
         tensors = fp32._collate(ids)
         padded = _unit(fp32.embed(ids))
     finally:
-        fp32.compiled = False
-    assert tensors[0].shape[1] % BUCKET_TOKENS == 0 or tensors[0].shape[1] == 256
+        fp32._length_step = 0
+    longest = max(len(s) for s in ids)
+    assert tensors[0].shape[1] == bucket_length(longest, 256, COMPILE_MIN_STEP) > longest
     np.testing.assert_allclose(padded, fp32_vectors, atol=2e-6)
+
+
+def test_bf16_on_cpu_pads_to_buckets_and_warms_their_kernels(
+    fp32_vectors: np.ndarray, caplog: pytest.LogCaptureFixture
+) -> None:
+    backend = _backend(dtype="bfloat16")
+    assert backend.description.length_step == EAGER_MIN_STEP
+    ids = backend.tokenizer.encode(TEXTS, ENCODE)
+    longest = max(len(s) for s in ids)
+    assert backend._collate(ids)[0].shape[1] == bucket_length(longest, 256, EAGER_MIN_STEP) > longest
+    # Same vectors as float32 within bf16's bound, padding or not.
+    cos = np.sum(_embed(backend) * fp32_vectors, axis=1)
+    assert float(cos.min()) >= 0.999, cos
+    # 3 distinct Linear shapes (384→384, 384→1536, 1536→384) at the 32 buckets of a full
+    # batch and at the 16 buckets up to 128 tokens of a single input.
+    with caplog.at_level(logging.INFO, logger="embedq.worker.backends.torch_backend"):
+        backend.warmup()
+    assert "warm-up: 144 Linear kernels" in caplog.text
 
 
 def test_warmup_runs_eager() -> None:

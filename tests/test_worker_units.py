@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from embedq.common.errors import ValidationError
+from embedq.common.errors import ModelNotServedError, ValidationError
 from embedq.common.settings import RedisSettings
 from embedq.redis_server import RedisServer
 from embedq.worker.backends.fake import FakeBackend
@@ -77,3 +77,81 @@ def test_decode_ids_must_be_lists_of_ints(ids: list[object]) -> None:
     with pytest.raises(ValidationError):
         _ids_only(ids)
     assert _ids_only([[101, 7592, 102], [5]]) == [[101, 7592, 102], [5]]
+
+
+async def test_the_model_is_loaded_warmed_and_run_on_one_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """libgomp keeps a thread team per calling thread and stops spinning once teams
+    outnumber the cores (worker/main.py model_thread_pool): one thread must do it all."""
+    import threading
+
+    from embedq import AsyncClient
+    from embedq.worker import main
+
+    threads: dict[str, set[int]] = {"load": set(), "warmup": set(), "embed": set()}
+
+    class ThreadRecordingBackend(FakeBackend):
+        def __init__(self, config: WorkerConfig) -> None:
+            threads["load"].add(threading.get_ident())
+            super().__init__(config)
+
+        def warmup(self) -> None:
+            threads["warmup"].add(threading.get_ident())
+            super().warmup()
+
+        def embed(self, batch: object) -> object:  # type: ignore[override]
+            threads["embed"].add(threading.get_ident())
+            return super().embed(batch)  # type: ignore[arg-type]
+
+    workers: list[Worker] = []
+
+    class RecordedWorker(Worker):
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+            workers.append(self)
+
+    monkeypatch.setattr(main, "load_backend", ThreadRecordingBackend)
+    monkeypatch.setattr(main, "Worker", RecordedWorker)
+    with RedisServer(tmp_path / "redis") as server:
+        config = _config(server.url)
+        task = asyncio.create_task(main.serve(config))
+        async with AsyncClient(server.url, model=config.served_model_name, timeout=20) as client:
+            for _ in range(100):  # until the worker has registered
+                try:
+                    await client.embed(["first"])
+                    break
+                except ModelNotServedError:
+                    await asyncio.sleep(0.1)
+            for _ in range(3):
+                assert (await client.embed(["one", "two words"])).shape[0] == 2
+        workers[0].stop()
+        await asyncio.wait_for(task, timeout=10)
+    assert len(threads["load"]) == 1 and len(threads["embed"]) == 1
+    assert threads["load"] == threads["warmup"] == threads["embed"]
+    assert threads["load"] != {threading.get_ident()}  # not the event loop's thread
+
+
+async def test_padding_efficiency_counts_the_length_bucket(tmp_path: Path) -> None:
+    """A backend that pads to length buckets computes those tokens: the metric says so."""
+    from dataclasses import replace
+
+    from embedq import AsyncClient
+
+    with RedisServer(tmp_path / "redis") as server:
+        config = _config(server.url)
+        backend = FakeBackend(config)
+        backend.description = replace(backend.description, length_step=8)
+        worker = Worker(config, backend)
+        task = asyncio.create_task(worker.run())
+        async with AsyncClient(server.url, model=config.served_model_name, timeout=20) as client:
+            for _ in range(100):  # until the worker has registered
+                try:
+                    await client.embed(["one two three"])  # [CLS] 3 words [SEP]: 5 tokens
+                    break
+                except ModelNotServedError:
+                    await asyncio.sleep(0.1)
+        worker.stop()
+        await asyncio.wait_for(task, timeout=10)
+        await worker.redis.aclose()
+    assert (worker.real_tokens, worker.padded_tokens) == (5, 8)

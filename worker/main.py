@@ -8,6 +8,7 @@ import logging
 import os
 import platform
 import signal
+from concurrent.futures import ThreadPoolExecutor
 
 from embedq.common import tracing
 from embedq.common.heap import freeze_startup_heap
@@ -20,16 +21,32 @@ log = logging.getLogger(__name__)
 
 async def serve(config: WorkerConfig) -> None:
     loop = asyncio.get_running_loop()
-    backend = await loop.run_in_executor(None, load_backend, config)
-    await loop.run_in_executor(None, backend.warmup)
+    # The model is loaded, warmed and run on this one thread: see model_thread_pool().
+    model_thread = model_thread_pool()
+    backend = await loop.run_in_executor(model_thread, load_backend, config)
+    await loop.run_in_executor(model_thread, backend.warmup)
     log.info("%d start-up objects frozen out of the garbage collector", freeze_startup_heap())
-    worker = Worker(config, backend)
+    worker = Worker(config, backend, model_thread=model_thread)
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, worker.stop)
     try:
         await worker.run()
     finally:
         await worker.redis.aclose()
+
+
+def model_thread_pool() -> ThreadPoolExecutor:
+    """The one thread that ever runs torch in a worker.
+
+    libgomp keeps an OpenMP thread team per thread that calls into torch. Once its
+    threads outnumber the cores (the team of a loading thread, the team of the
+    inference thread), it cuts its spin-wait to at most 1,000 rounds (none under our
+    PASSIVE policy), and every parallel op of a forward pass then wakes sleeping
+    threads: 3× the context switches and 10–12% fewer passages/s on a 2-core AMX Xeon
+    (docs/benchmarks.md §1, machine H). Loading, warming and inference on one thread
+    keep one team.
+    """
+    return ThreadPoolExecutor(1, thread_name_prefix="embedq-infer")
 
 
 def set_openmp_waits() -> None:

@@ -56,6 +56,7 @@ from embedq.common.wire import (
 )
 from embedq.worker.backends.base import Backend
 from embedq.worker.batcher import Batcher, BatchLimits
+from embedq.worker.buckets import bucket_length
 from embedq.worker.config import WorkerConfig
 from embedq.worker.jobs import ActiveJob, error_reply
 from embedq.worker.metrics import WorkerMetrics
@@ -134,7 +135,13 @@ def _ids_only(inputs: Sequence[Input]) -> list[list[int]]:
 
 
 class Worker:
-    def __init__(self, config: WorkerConfig, backend: Backend, redis: aioredis.Redis | None = None) -> None:
+    def __init__(
+        self,
+        config: WorkerConfig,
+        backend: Backend,
+        redis: aioredis.Redis | None = None,
+        model_thread: ThreadPoolExecutor | None = None,
+    ) -> None:
         self.config = config
         self.backend = backend
         self.dim = backend.description.dim
@@ -174,7 +181,8 @@ class Worker:
         self._closing = False
         self._reader_done = asyncio.Event()
         self._tok_pool = ThreadPoolExecutor(1, thread_name_prefix="embedq-tokenize")
-        self._infer_pool = ThreadPoolExecutor(1, thread_name_prefix="embedq-infer")
+        # Forward passes run here; serve() passes the thread that loaded the model.
+        self._infer_pool = model_thread or ThreadPoolExecutor(1, thread_name_prefix="embedq-infer")
         self.batches_run = 0
         # monotonic start of the batch in the inference thread (the hang watchdog).
         self._batch_started: float | None = None
@@ -589,7 +597,11 @@ class Worker:
             self._trace_batch(seqs, wall_start, time.time_ns())
         elapsed_ms = (time.perf_counter() - start) * 1000
         real = sum(len(s.ids) for s in seqs)
-        padded = max(len(s.ids) for s in seqs) * len(seqs)
+        width = max(len(s.ids) for s in seqs)
+        desc = self.backend.description
+        if desc.length_step:  # the backend pads to a length bucket: those tokens are computed too
+            width = bucket_length(width, desc.max_input_length, desc.length_step)
+        padded = width * len(seqs)
         self.batches_run += 1
         self.real_tokens += real
         self.padded_tokens += padded

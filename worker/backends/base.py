@@ -29,6 +29,9 @@ class ModelDescription:
     default_prompt_name: str | None = None
     # True when the backend runs sequences without padding (token budget = sum).
     packed: bool = False
+    # Batches are padded up to length buckets with this min_step (worker/buckets.py);
+    # 0: to the batch's longest sequence.
+    length_step: int = 0
     # Identity of the weights (model_files.fingerprint): two workers serving one name
     # must serve the same model.
     revision: str = ""

@@ -4,10 +4,12 @@ Runs the encoder with SDPA attention on right-padded batches (the batcher keeps
 lengths in a batch close), pools in float32, and leaves normalisation and
 Matryoshka cuts to the worker's post-processing.
 
+On a CPU in bfloat16, and with ``--compile``, batch widths are padded up to length
+buckets (worker/buckets.py) so that oneDNN and the compiled code meet few shapes.
+
 Options, all off by default: ``--quantize int8`` (CPU, float32 base: Linear layers run
-as int8 × int8 → int32 matmuls) and ``--compile`` (torch.compile; sequence lengths are
-then padded up to multiples of BUCKET_TOKENS so the compiled code meets few shapes).
-Their measured effects are in docs/benchmarks.md, sections 5 and 6.
+as int8 × int8 → int32 matmuls) and ``--compile`` (torch.compile). Their measured
+effects are in docs/benchmarks.md, sections 5 and 6.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import torch
 
 from embedq.worker.backends.base import ModelDescription
 from embedq.worker.backends.int8 import quantize_int8
+from embedq.worker.buckets import COMPILE_MIN_STEP, EAGER_MIN_STEP, bucket_length, bucket_lengths
 from embedq.worker.config import ConfigError, WorkerConfig, check_precision
 from embedq.worker.model_files import DenseLayer, ModelFolderError, Pooling, fingerprint, read_layout
 from embedq.worker.tokenization import HFTokenizer, LlmRerankTokenizer
@@ -125,17 +128,24 @@ def _load_dense(layers: Sequence[DenseLayer], width: int, device: torch.device) 
     return torch.nn.Sequential(*stack).eval().to(device)
 
 
-# With --compile, sequence lengths are padded up to a multiple of this (capped at the
-# model's limit), so the compiled graph and oneDNN's kernels meet a few shapes, not one
-# per length. Sorted batches average ~BUCKET_TOKENS / 2 extra tokens per row.
-BUCKET_TOKENS = 16
-# Warm-up with --compile runs the buckets up to this length (longer ones compile lazily).
+# Warm-up prepares the length buckets up to this many tokens (longer ones lazily).
 WARMUP_MAX_TOKENS = 512
+# Eager warm-up also prepares batch-1 shapes up to this length: queries are short.
+WARMUP_SINGLE_MAX_TOKENS = 128
 
 
-def bucket_length(width: int, cap: int, step: int = BUCKET_TOKENS) -> int:
-    """``width`` rounded up to a multiple of ``step``, but never past ``cap`` nor below ``width``."""
-    return max(width, min(cap, -(-width // step) * step))
+def length_step(device: str, dtype_name: str, quantize: str | None, compiled: bool) -> int:
+    """The min_step of the length buckets this backend pads to (worker/buckets.py); 0
+    when batches are padded only to their longest sequence.
+
+    float32 and float16 CPU matmuls and CUDA's need no per-shape set-up, so they are
+    not padded (measured on the AMX Xeon: first call at a new shape costs nothing extra).
+    """
+    if compiled:
+        return COMPILE_MIN_STEP
+    if device == "cpu" and dtype_name == "bfloat16" and quantize is None:
+        return EAGER_MIN_STEP
+    return 0
 
 
 class TorchBackend:
@@ -183,6 +193,7 @@ class TorchBackend:
                 raise ConfigError(f"--quantize int8 needs torch._int_mm (torch {torch.__version__} lacks it)")
             log.info("int8: %d Linear layers quantized", quantize_int8(self.model))
         self.compiled = config.compile
+        self._length_step = length_step(self.device.type, self.dtype_name, config.quantize, config.compile)
         self._max_batch = config.max_batch_requests
         if config.compile:
             # One graph with symbolic batch and length; warmup() compiles it before the
@@ -220,6 +231,7 @@ class TorchBackend:
             # The info hash and the cache key carry this: int8 vectors differ from float32 ones.
             dtype="int8" if config.quantize else self.dtype_name,
             device=str(self.device),
+            length_step=self._length_step,
             prompts=layout.prompts,
             default_prompt_name=layout.default_prompt_name,
         )
@@ -235,14 +247,18 @@ class TorchBackend:
             torch.get_num_threads(),
         )
 
+    def padded_width(self, width: int) -> int:
+        """The width a batch whose longest sequence has ``width`` tokens is run at."""
+        if not self._length_step:
+            return width
+        return bucket_length(width, self.description.max_input_length, self._length_step)
+
     def _collate(
         self, batch: Sequence[Sequence[int]], type_ids: Sequence[Sequence[int]] | None = None
     ) -> list[torch.Tensor]:
         """[ids, mask, lengths(, token types)] on the device, right-padded."""
         lengths = np.fromiter((len(s) for s in batch), dtype=np.int64, count=len(batch))
-        width = int(lengths.max())
-        if self.compiled:
-            width = bucket_length(width, self.description.max_input_length)
+        width = self.padded_width(int(lengths.max()))
         ids = np.full((len(batch), width), self._pad_id, dtype=np.int64)
         for row, seq in enumerate(batch):
             ids[row, : len(seq)] = seq
@@ -312,26 +328,39 @@ class TorchBackend:
             out.append((nz.numpy().astype(np.int32), row[nz].numpy().astype(np.float32)))
         return out
 
+    def _prime_linears(self, shapes: Sequence[tuple[int, int]]) -> int:
+        """Run each distinct Linear of the model once at every (batch, length) shape; returns
+        how many (shape, Linear) pairs ran. Far cheaper than whole forward passes."""
+        distinct: dict[tuple[int, int, bool], torch.nn.Linear] = {}
+        for m in self.model.modules():
+            if isinstance(m, torch.nn.Linear):
+                distinct.setdefault((m.in_features, m.out_features, m.bias is not None), m)
+        with torch.inference_mode():
+            for n, length in shapes:
+                for linear in distinct.values():
+                    width, dtype = linear.in_features, linear.weight.dtype
+                    linear(torch.zeros(n, length, width, dtype=dtype, device=self.device))
+        return len(shapes) * len(distinct)
+
     def warmup(self) -> None:
         """Run the model on the shapes it will meet, so the first request is not slow.
 
         Eager: two small batches take the one-off costs of the first forward pass
         (allocations, oneDNN kernel set-up: ~5 ms on the first request without them).
+        Eager with length buckets: also each distinct Linear at every bucket up to
+        WARMUP_MAX_TOKENS at a full batch, and up to WARMUP_SINGLE_MAX_TOKENS at batch 1,
+        which builds the oneDNN kernels a forward pass at those shapes will look up.
         With --compile: every length bucket, at batch 1 and at a full batch (torch.compile
         builds a separate graph for size 1), so compiling happens here, not on a request.
         """
+        top = min(self.description.max_input_length, WARMUP_MAX_TOKENS)
+        buckets = bucket_lengths(top, self.description.max_input_length, self._length_step or 1)
         shapes = [(1, 8), (8, 64)]
         if self.compiled:
-            top = min(self.description.max_input_length, WARMUP_MAX_TOKENS)
-            lengths = sorted({*range(BUCKET_TOKENS, top + 1, BUCKET_TOKENS), top})
-            shapes = [(n, length) for length in lengths for n in (1, max(2, self._max_batch))]
+            shapes = [(n, length) for length in buckets for n in (1, max(2, self._max_batch))]
         start = time.perf_counter()
-        for n, length in shapes:
-            seqs = [[self._pad_id + 1] * length] * n
-            if self.task == "embedding":
-                self.embed(seqs)
-            elif self.task == "splade":
-                self.embed_sparse(seqs)
-            else:
-                self.predict(seqs, [[0] * length] * n)
+        if self._length_step and not self.compiled:
+            singles = [(1, length) for length in buckets if length <= WARMUP_SINGLE_MAX_TOKENS]
+            primed = self._prime_linears([(self._max_batch, length) for length in buckets] + singles)
+            log.info("warm-up: %d Linear kernels in %.1f s", primed, time.perf_counter() - start)
         log.info("warm-up: %d shapes in %.1f s", len(shapes), time.perf_counter() - start)
