@@ -248,11 +248,11 @@ def test_bf16_on_cpu_pads_to_buckets_and_warms_their_kernels(
     # Same vectors as float32 within bf16's bound, padding or not.
     cos = np.sum(_embed(backend) * fp32_vectors, axis=1)
     assert float(cos.min()) >= 0.999, cos
-    # 3 distinct Linear shapes (384→384, 384→1536, 1536→384) at the 32 buckets of a full
-    # batch and at the 16 buckets up to 128 tokens of a single input.
+    # 4 distinct matmul kernels (384→384 plain and + residual, 384→1536 + GELU, 1536→384
+    # + residual) at the 32 buckets of a full batch and the 16 up to 128 tokens of one input.
     with caplog.at_level(logging.INFO, logger="embedq.worker.backends.torch_backend"):
         backend.warmup()
-    assert "warm-up: 144 Linear kernels" in caplog.text
+    assert "warm-up: 192 matmul kernels" in caplog.text
 
 
 def test_warmup_runs_eager() -> None:

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from embedq.worker.backends.base import ModelDescription
+from embedq.worker.backends.cpu_fusion import fuse_model, fusion_available
 from embedq.worker.backends.int8 import quantize_int8
 from embedq.worker.buckets import COMPILE_MIN_STEP, EAGER_MIN_STEP, bucket_length, bucket_lengths
 from embedq.worker.config import ConfigError, WorkerConfig, check_precision
@@ -194,6 +195,17 @@ class TorchBackend:
             log.info("int8: %d Linear layers quantized", quantize_int8(self.model))
         self.compiled = config.compile
         self._length_step = length_step(self.device.type, self.dtype_name, config.quantize, config.compile)
+        # Kernels warm-up runs at each bucket: (kind, in, out, bias) → module; see _prime_kernels.
+        self._kernels: dict[tuple[str, int, int, bool], torch.nn.Module] = {}
+        if self._length_step == EAGER_MIN_STEP and fusion_available():  # eager bf16 on a CPU
+            fused = fuse_model(self.model)
+            self._kernels = fused.kernels
+            log.info(
+                "oneDNN fusions: %d Linear+GELU, %d Linear+residual, %d Linear",
+                fused.linear_gelu,
+                fused.linear_add,
+                fused.linear,
+            )
         self._max_batch = config.max_batch_requests
         if config.compile:
             # One graph with symbolic batch and length; warmup() compiles it before the
@@ -328,26 +340,31 @@ class TorchBackend:
             out.append((nz.numpy().astype(np.int32), row[nz].numpy().astype(np.float32)))
         return out
 
-    def _prime_linears(self, shapes: Sequence[tuple[int, int]]) -> int:
-        """Run each distinct Linear of the model once at every (batch, length) shape; returns
-        how many (shape, Linear) pairs ran. Far cheaper than whole forward passes."""
-        distinct: dict[tuple[int, int, bool], torch.nn.Linear] = {}
-        for m in self.model.modules():
-            if isinstance(m, torch.nn.Linear):
-                distinct.setdefault((m.in_features, m.out_features, m.bias is not None), m)
+    def _prime_kernels(self, shapes: Sequence[tuple[int, int]]) -> int:
+        """Run each distinct matmul kernel of the model once at every (batch, length) shape;
+        returns how many (shape, kernel) pairs ran. Far cheaper than whole forward passes."""
+        kernels = self._kernels or {
+            ("none", m.in_features, m.out_features, m.bias is not None): m
+            for m in self.model.modules()
+            if isinstance(m, torch.nn.Linear)
+        }
+        dtype = _DTYPES[self.dtype_name]
         with torch.inference_mode():
             for n, length in shapes:
-                for linear in distinct.values():
-                    width, dtype = linear.in_features, linear.weight.dtype
-                    linear(torch.zeros(n, length, width, dtype=dtype, device=self.device))
-        return len(shapes) * len(distinct)
+                for (kind, fan_in, fan_out, _bias), module in kernels.items():
+                    x = torch.zeros(n, length, fan_in, dtype=dtype, device=self.device)
+                    if kind == "add":  # Linear + residual: takes the residual as well
+                        module(x, torch.zeros(n, length, fan_out, dtype=dtype, device=self.device))
+                    else:
+                        module(x)
+        return len(shapes) * len(kernels)
 
     def warmup(self) -> None:
         """Run the model on the shapes it will meet, so the first request is not slow.
 
         Eager: two small batches take the one-off costs of the first forward pass
         (allocations, oneDNN kernel set-up: ~5 ms on the first request without them).
-        Eager with length buckets: also each distinct Linear at every bucket up to
+        Eager with length buckets: also each distinct matmul kernel at every bucket up to
         WARMUP_MAX_TOKENS at a full batch, and up to WARMUP_SINGLE_MAX_TOKENS at batch 1,
         which builds the oneDNN kernels a forward pass at those shapes will look up.
         With --compile: every length bucket, at batch 1 and at a full batch (torch.compile
@@ -361,6 +378,6 @@ class TorchBackend:
         start = time.perf_counter()
         if self._length_step and not self.compiled:
             singles = [(1, length) for length in buckets if length <= WARMUP_SINGLE_MAX_TOKENS]
-            primed = self._prime_linears([(self._max_batch, length) for length in buckets] + singles)
-            log.info("warm-up: %d Linear kernels in %.1f s", primed, time.perf_counter() - start)
+            primed = self._prime_kernels([(self._max_batch, length) for length in buckets] + singles)
+            log.info("warm-up: %d matmul kernels in %.1f s", primed, time.perf_counter() - start)
         log.info("warm-up: %d shapes in %.1f s", len(shapes), time.perf_counter() - start)
