@@ -135,12 +135,15 @@ def check_flop_model(backend: TorchBackend, fm: FlopModel) -> None:
 
     def hook(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...], _out: torch.Tensor) -> None:
         nonlocal seen
-        assert isinstance(module, torch.nn.Linear)
-        seen += 2 * module.out_features * inputs[0].numel()
+        # A parent rewired by cpu_fusion runs its `dense` Linear inside its own forward.
+        linear = module if isinstance(module, torch.nn.Linear) else module.dense
+        seen += 2 * linear.out_features * inputs[0].numel()
 
-    handles = [
-        m.register_forward_hook(hook) for m in backend.model.modules() if isinstance(m, torch.nn.Linear)
-    ]
+    def counted(m: torch.nn.Module) -> bool:
+        fused_parent = "forward" in vars(m) and isinstance(getattr(m, "dense", None), torch.nn.Linear)
+        return isinstance(m, torch.nn.Linear) or fused_parent
+
+    handles = [m.register_forward_hook(hook) for m in backend.model.modules() if counted(m)]
     try:
         rows, length = 3, 40
         backend.embed([[1000] * length] * rows)
