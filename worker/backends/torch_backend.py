@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +29,7 @@ from embedq.worker.backends.int8 import quantize_int8
 from embedq.worker.buckets import COMPILE_MIN_STEP, EAGER_MIN_STEP, bucket_length, bucket_lengths
 from embedq.worker.config import ConfigError, WorkerConfig, check_precision
 from embedq.worker.model_files import DenseLayer, ModelFolderError, Pooling, fingerprint, read_layout
+from embedq.worker.threads import PassThreads, single_thread_tokens
 from embedq.worker.tokenization import HFTokenizer, LlmRerankTokenizer
 
 log = logging.getLogger(__name__)
@@ -149,6 +151,12 @@ def length_step(device: str, dtype_name: str, quantize: str | None, compiled: bo
     return 0
 
 
+def linear_flops_per_token(model: torch.nn.Module) -> float:
+    """Multiply-add FLOPs of the model's Linear layers for one token (attention aside)."""
+    linears = (m for m in model.modules() if isinstance(m, torch.nn.Linear))
+    return 2.0 * sum(m.in_features * m.out_features for m in linears)
+
+
 class TorchBackend:
     def __init__(self, config: WorkerConfig) -> None:
         from transformers import (
@@ -194,6 +202,14 @@ class TorchBackend:
                 raise ConfigError(f"--quantize int8 needs torch._int_mm (torch {torch.__version__} lacks it)")
             log.info("int8: %d Linear layers quantized", quantize_int8(self.model))
         self.compiled = config.compile
+        # Small passes while the other cores are cold run on one thread
+        # (worker/threads.py): eager float32 and bfloat16 on a CPU, where it was measured.
+        eager_cpu = self.device.type == "cpu" and not config.quantize and not config.compile
+        per_token = linear_flops_per_token(self.model)
+        self._thread_policy = PassThreads(
+            torch.get_num_threads(), single_thread_tokens(self.dtype_name, per_token) if eager_cpu else 0
+        )
+        self._pass_threads = self._thread_policy.threads
         self._length_step = length_step(self.device.type, self.dtype_name, config.quantize, config.compile)
         # Kernels warm-up runs at each bucket: (kind, in, out, bias) → module; see _prime_kernels.
         self._kernels: dict[tuple[str, int, int, bool], torch.nn.Module] = {}
@@ -287,9 +303,22 @@ class TorchBackend:
             tensors = [t.pin_memory() for t in tensors]
         return [t.to(self.device, non_blocking=pin) for t in tensors]
 
+    @contextmanager
+    def _forward_pass(self, ids: torch.Tensor) -> Iterator[None]:
+        """inference_mode, on the thread count PassThreads gives this pass."""
+        threads = self._thread_policy.begin(ids.numel(), time.monotonic())
+        if threads != self._pass_threads:
+            torch.set_num_threads(threads)
+            self._pass_threads = threads
+        try:
+            with torch.inference_mode():
+                yield
+        finally:
+            self._thread_policy.end(time.monotonic())
+
     def embed(self, batch: Sequence[Sequence[int]]) -> np.ndarray:
         ids, mask, lengths = self._collate(batch)
-        with torch.inference_mode():
+        with self._forward_pass(ids):
             hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state
             pooled = _pool(hidden, mask, lengths, self.pooling)
             if self.dense is not None:
@@ -298,7 +327,7 @@ class TorchBackend:
 
     def embed_all(self, batch: Sequence[Sequence[int]]) -> list[np.ndarray]:
         ids, mask, _lengths = self._collate(batch)
-        with torch.inference_mode():
+        with self._forward_pass(ids):
             hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state.float().to("cpu")
         return [hidden[row, : len(seq)].numpy() for row, seq in enumerate(batch)]
 
@@ -307,7 +336,7 @@ class TorchBackend:
             return self._yes_no_logit(batch)
         ids, mask, _lengths, types = self._collate(batch, type_ids)
         extra = {"token_type_ids": types} if self._uses_types else {}
-        with torch.inference_mode():
+        with self._forward_pass(ids):
             logits = self.model(input_ids=ids, attention_mask=mask, **extra).logits
         # transformers models are untyped: the logits are Any to mypy.
         out: np.ndarray = logits.float().to("cpu").numpy()
@@ -319,7 +348,7 @@ class TorchBackend:
         assert self._yes_no is not None
         ids, mask, lengths = self._collate(batch)
         base = getattr(self.model, self.model.base_model_prefix)
-        with torch.inference_mode():
+        with self._forward_pass(ids):
             hidden = base(input_ids=ids, attention_mask=mask).last_hidden_state
             rows = torch.arange(hidden.shape[0], device=hidden.device)
             last = hidden[rows, lengths - 1]  # right padding: the last real token
@@ -330,7 +359,7 @@ class TorchBackend:
 
     def embed_sparse(self, batch: Sequence[Sequence[int]]) -> list[tuple[np.ndarray, np.ndarray]]:
         ids, mask, _lengths = self._collate(batch)
-        with torch.inference_mode():
+        with self._forward_pass(ids):
             logits = self.model(input_ids=ids, attention_mask=mask).logits
             weights = torch.log1p(torch.relu(logits.float())) * mask.unsqueeze(-1)
             pooled = weights.max(dim=1).values.to("cpu")
@@ -379,5 +408,22 @@ class TorchBackend:
         if self._length_step and not self.compiled:
             singles = [(1, length) for length in buckets if length <= WARMUP_SINGLE_MAX_TOKENS]
             primed = self._prime_kernels([(self._max_batch, length) for length in buckets] + singles)
+            if self._thread_policy.single_thread_tokens:
+                # Small passes after an idle spell run on one thread (worker/threads.py),
+                # and oneDNN builds its kernels per thread count as well.
+                torch.set_num_threads(1)
+                try:
+                    limit = self._thread_policy.single_thread_tokens
+                    primed += self._prime_kernels([s for s in singles if s[1] <= limit])
+                finally:
+                    torch.set_num_threads(self._pass_threads)
             log.info("warm-up: %d matmul kernels in %.1f s", primed, time.perf_counter() - start)
+        for n, length in shapes:
+            seqs = [[self._pad_id + 1] * length] * n
+            if self.task == "embedding":
+                self.embed(seqs)
+            elif self.task == "splade":
+                self.embed_sparse(seqs)
+            else:
+                self.predict(seqs, [[0] * length] * n)
         log.info("warm-up: %d shapes in %.1f s", len(shapes), time.perf_counter() - start)
