@@ -78,7 +78,6 @@ def main() -> int:
             policy = fixed[mode]
             model_thread.submit(setattr, backend, "_thread_policy", policy).result()
             model_thread.submit(torch.set_num_threads, policy.threads).result()
-            backend._pass_threads = policy.threads
             for _ in range(3):  # kernels of this shape and thread count
                 model_thread.submit(pass_ms, backend, batch).result()
             medians = []

@@ -209,7 +209,6 @@ class TorchBackend:
         self._thread_policy = PassThreads(
             torch.get_num_threads(), single_thread_tokens(self.dtype_name, per_token) if eager_cpu else 0
         )
-        self._pass_threads = self._thread_policy.threads
         self._length_step = length_step(self.device.type, self.dtype_name, config.quantize, config.compile)
         # Kernels warm-up runs at each bucket: (kind, in, out, bias) → module; see _prime_kernels.
         self._kernels: dict[tuple[str, int, int, bool], torch.nn.Module] = {}
@@ -307,9 +306,8 @@ class TorchBackend:
     def _forward_pass(self, ids: torch.Tensor) -> Iterator[None]:
         """inference_mode, on the thread count PassThreads gives this pass."""
         threads = self._thread_policy.begin(ids.numel(), time.monotonic())
-        if threads != self._pass_threads:
+        if threads != torch.get_num_threads():
             torch.set_num_threads(threads)
-            self._pass_threads = threads
         try:
             with torch.inference_mode():
                 yield
@@ -416,7 +414,7 @@ class TorchBackend:
                     limit = self._thread_policy.single_thread_tokens
                     primed += self._prime_kernels([s for s in singles if s[1] <= limit])
                 finally:
-                    torch.set_num_threads(self._pass_threads)
+                    torch.set_num_threads(self._thread_policy.threads)
             log.info("warm-up: %d matmul kernels in %.1f s", primed, time.perf_counter() - start)
         for n, length in shapes:
             seqs = [[self._pad_id + 1] * length] * n
