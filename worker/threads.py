@@ -10,8 +10,8 @@ an idle worker (the common case at query time) was paying 3× for the second thr
 
 So a small pass (its matmuls under a FLOP budget for which one thread finishes sooner
 than cold ones) runs on one thread while the other threads are cold: no pass used them
-in the last 10 ms. Any load keeps every thread: a big pass wakes them, and so does a
-worker kept busy for 50 ms by small passes.
+in the last 10 ms. A big pass wakes them, and so do 50 ms of passes with no gap of
+10 ms between them (a steady stream of small requests).
 """
 
 from __future__ import annotations
@@ -23,9 +23,10 @@ COLD_AFTER_S = 0.010
 # the pass. all-MiniLM-L6-v2 (21 MFLOP a token) on the AMX Xeon: bf16, one thread won at
 # 512 tokens (24.5 vs 31.9 ms) and lost at 1,024 (40.7 vs 27.4); float32 won at 64
 # tokens (18.4 vs 37.1) and lost at 256 (51.7 vs 42.8).
-SINGLE_THREAD_FLOPS = {"bfloat16": 11e9, "float32": 3e9}
-# A worker kept busy this long by passes on one thread wakes the other cores anyway: a
-# steady load would otherwise stay on one thread for good. That costs one cold pass.
+SINGLE_THREAD_FLOPS = {"bfloat16": 12e9, "float32": 3e9}
+# Passes with no idle gap (< COLD_AFTER_S) between them for this long wake the other
+# cores anyway: a steady stream of small passes would otherwise stay on one thread for
+# good. That costs one cold pass.
 WAKE_AFTER_BUSY_S = 0.050
 
 
@@ -42,6 +43,11 @@ class PassThreads:
         self._last_end = float("-inf")
         self._busy_since = 0.0  # start of the current run of passes without idle gaps
         self._running = threads
+
+    @property
+    def running(self) -> int:
+        """The thread count of the pass in progress, or of the last one."""
+        return self._running
 
     def begin(self, tokens: int, now: float) -> int:
         """The thread count for a pass of ``tokens`` that starts at ``now``."""

@@ -304,15 +304,19 @@ class TorchBackend:
 
     @contextmanager
     def _forward_pass(self, ids: torch.Tensor) -> Iterator[None]:
-        """inference_mode, on the thread count PassThreads gives this pass."""
-        threads = self._thread_policy.begin(ids.numel(), time.monotonic())
-        if threads != torch.get_num_threads():
+        """inference_mode, on the thread count PassThreads gives this pass; torch's
+        count is put back after a pass on fewer threads."""
+        policy = self._thread_policy
+        threads = policy.begin(ids.numel(), time.monotonic())
+        if threads != policy.threads:
             torch.set_num_threads(threads)
         try:
             with torch.inference_mode():
                 yield
         finally:
-            self._thread_policy.end(time.monotonic())
+            policy.end(time.monotonic())
+            if threads != policy.threads:
+                torch.set_num_threads(policy.threads)
 
     def embed(self, batch: Sequence[Sequence[int]]) -> np.ndarray:
         ids, mask, lengths = self._collate(batch)
