@@ -60,6 +60,7 @@ def test_token_limit_shrinks_with_the_model_and_the_dtype() -> None:
 
 def test_backend_runs_small_passes_on_one_thread_while_the_others_are_cold() -> None:
     from embedq.worker.backends.torch_backend import TorchBackend, linear_flops_per_token
+    from embedq.worker.config import WorkerConfig, resolve_model
 
     from .test_precision import _backend
 
@@ -76,7 +77,11 @@ def test_backend_runs_small_passes_on_one_thread_while_the_others_are_cold() -> 
         vectors = backend.embed(batch)
         assert seen[-1] == expect, (len(seen), len(batch))
         assert vectors.shape == (len(batch), 384)
-        assert torch.get_num_threads() == threads  # put back after the pass
     time.sleep(2 * COLD_AFTER_S)
     backend.embed(small)
     assert seen[-1] == 1
+    # That pass left this thread at one; a backend built after it still takes all.
+    assert torch.get_num_threads() == 1
+    model_id, path = resolve_model(None, "torch")
+    config = WorkerConfig(model_id=model_id, model_path=path, served_model_name=model_id, dtype="float32")
+    assert TorchBackend(config)._thread_policy.threads > 1  # no --threads: torch's default
