@@ -37,7 +37,9 @@ MODES = ("all threads", "one thread", "embedq rule")
 
 def make_backend(dtype: str) -> TorchBackend:
     model_id, path = resolve_model(None, "torch")
-    config = WorkerConfig(model_id=model_id, model_path=path, served_model_name=model_id, dtype=dtype)
+    config = WorkerConfig(
+        model_id=model_id, model_path=path, served_model_name=model_id, dtype=dtype, cold_single_thread=True
+    )
     backend = TorchBackend(config)
     backend.warmup()
     return backend

@@ -64,7 +64,8 @@ def test_backend_runs_small_passes_on_one_thread_while_the_others_are_cold() -> 
 
     from .test_precision import _backend
 
-    backend: TorchBackend = _backend(dtype="float32")
+    assert _backend(dtype="float32")._thread_policy.single_thread_tokens == 0  # off by default
+    backend: TorchBackend = _backend(dtype="float32", cold_single_thread=True)
     if backend._thread_policy.threads < 2:
         pytest.skip("one CPU thread: nothing to choose")
     assert linear_flops_per_token(backend.model) == pytest.approx(21.5e6, rel=0.01)
@@ -83,5 +84,11 @@ def test_backend_runs_small_passes_on_one_thread_while_the_others_are_cold() -> 
     # That pass left this thread at one; a backend built after it still takes all.
     assert torch.get_num_threads() == 1
     model_id, path = resolve_model(None, "torch")
-    config = WorkerConfig(model_id=model_id, model_path=path, served_model_name=model_id, dtype="float32")
+    config = WorkerConfig(
+        model_id=model_id,
+        model_path=path,
+        served_model_name=model_id,
+        dtype="float32",
+        cold_single_thread=True,
+    )
     assert TorchBackend(config)._thread_policy.threads > 1  # no --threads: torch's default

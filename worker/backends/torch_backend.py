@@ -206,9 +206,11 @@ class TorchBackend:
                 raise ConfigError(f"--quantize int8 needs torch._int_mm (torch {torch.__version__} lacks it)")
             log.info("int8: %d Linear layers quantized", quantize_int8(self.model))
         self.compiled = config.compile
-        # Small passes while the other cores are cold run on one thread
-        # (worker/threads.py): eager float32 and bfloat16 on a CPU, where it was measured.
+        # With --cold-single-thread, small passes while the other cores are cold run on
+        # one thread (worker/threads.py): eager float32 and bfloat16 on a CPU, where it
+        # was measured.
         eager_cpu = self.device.type == "cpu" and not config.quantize and not config.compile
+        eager_cpu = eager_cpu and config.cold_single_thread
         per_token = linear_flops_per_token(self.model)
         self._thread_policy = PassThreads(
             torch.get_num_threads(), single_thread_tokens(self.dtype_name, per_token) if eager_cpu else 0
