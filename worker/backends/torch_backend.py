@@ -209,12 +209,10 @@ class TorchBackend:
         # With --cold-single-thread, small passes while the other cores are cold run on
         # one thread (worker/threads.py): eager float32 and bfloat16 on a CPU, where it
         # was measured.
-        eager_cpu = self.device.type == "cpu" and not config.quantize and not config.compile
-        eager_cpu = eager_cpu and config.cold_single_thread
-        per_token = linear_flops_per_token(self.model)
-        self._thread_policy = PassThreads(
-            torch.get_num_threads(), single_thread_tokens(self.dtype_name, per_token) if eager_cpu else 0
-        )
+        rule_on = config.cold_single_thread and self.device.type == "cpu"
+        rule_on = rule_on and not config.quantize and not config.compile
+        limit = single_thread_tokens(self.dtype_name, linear_flops_per_token(self.model)) if rule_on else 0
+        self._thread_policy = PassThreads(torch.get_num_threads(), limit)
         self._length_step = length_step(self.device.type, self.dtype_name, config.quantize, config.compile)
         # Kernels warm-up runs at each bucket: (kind, in, out, bias) → module; see _prime_kernels.
         self._kernels: dict[tuple[str, int, int, bool], torch.nn.Module] = {}
