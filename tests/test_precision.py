@@ -240,7 +240,7 @@ def test_bucket_padding_leaves_vectors_unchanged(fp32: TorchBackend, fp32_vector
 def test_bf16_on_cpu_pads_to_buckets_and_warms_their_kernels(
     fp32_vectors: np.ndarray, caplog: pytest.LogCaptureFixture
 ) -> None:
-    backend = _backend(dtype="bfloat16", cold_single_thread=True)
+    backend = _backend(dtype="bfloat16")
     assert backend.description.length_step == EAGER_MIN_STEP
     ids = backend.tokenizer.encode(TEXTS, ENCODE)
     longest = max(len(s) for s in ids)
@@ -250,7 +250,7 @@ def test_bf16_on_cpu_pads_to_buckets_and_warms_their_kernels(
     assert float(cos.min()) >= 0.999, cos
     # 4 distinct matmul kernels (384→384 plain and + residual, 384→1536 + GELU, 1536→384
     # + residual) at the 32 buckets of a full batch and the 16 up to 128 tokens of one
-    # input, and those 16 again on one thread (small passes after an idle spell).
+    # input, and those 16 again on one thread (small passes run there: worker/threads.py).
     multi = backend._thread_policy.threads > 1
     assert backend._thread_policy.single_thread_tokens >= 128 or not multi
     with caplog.at_level(logging.INFO, logger="embedq.worker.backends.torch_backend"):

@@ -71,7 +71,8 @@ class WorkerConfig:
     # Small CPU passes after an idle spell run on one thread (worker/threads.py). Off by
     # default: in bf16 a pass on one thread gives vectors up to ~5e-3 away from two
     # threads', so a text's vector would depend on timing.
-    cold_single_thread: bool = False
+    # CPU bf16: passes under a FLOP budget run on one thread (worker/threads.py).
+    single_thread_small_passes: bool = True
     max_batch_tokens: int = 16384
     max_batch_requests: int = 16
     max_job_inputs: int = 4096
@@ -187,11 +188,11 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
         help="torch.compile the model at start (slower start; inputs padded to length buckets)",
     )
     a(
-        "--cold-single-thread",
-        action="store_true",
-        default=_bool(_env("embedq_cold_single_thread", "false") or "false"),
-        help="CPU: run small passes on one thread after an idle spell (halves idle query latency "
-        "on VMs; bf16 vectors then vary by up to ~5e-3 between calls)",
+        "--single-thread-small-passes",
+        type=_bool,
+        default=_bool(_env("embedq_single_thread_small_passes", "true") or "true"),
+        help="CPU bf16: run small passes (a query) on one thread; on a VM, other vCPUs woken "
+        "after an idle spell made them 2-3x slower (default true)",
     )
     a("--max-batch-tokens", type=int, default=int(_env("max_batch_tokens", "16384") or 16384))
     a(
@@ -281,7 +282,7 @@ def config_from_args(ns: argparse.Namespace) -> WorkerConfig:
         threads=int(ns.threads) if ns.threads else None,
         quantize=ns.quantize,
         compile=ns.compile,
-        cold_single_thread=ns.cold_single_thread,
+        single_thread_small_passes=ns.single_thread_small_passes,
         max_batch_tokens=ns.max_batch_tokens,
         max_batch_requests=int(ns.max_batch_requests or default_batch_requests(ns.device)),
         max_job_inputs=ns.max_job_inputs,

@@ -1,72 +1,52 @@
-"""How many CPU threads a forward pass runs on, after the worker sat idle. Pure.
+"""How many CPU threads a forward pass runs on: one for a small pass, all for the rest. Pure.
 
 A pass on several OpenMP threads meets the other threads at a barrier after every
 parallel op (a small BERT has ~250 per pass). On a VM whose other vCPU has been idle
 for more than ~10–20 ms, that vCPU wakes slowly and stays slow for the whole pass:
 batch 1 × 32 tokens of all-MiniLM-L6-v2 in bf16 took 4.5 ms on 2 threads when passes
-came 2–10 ms apart, but 22–24 ms after 20 ms or more of idleness. On one thread it
-took 5.5–6.4 ms and 8.7 ms (docs/benchmarks.md §3, machine H). A query that arrives at
-an idle worker (the common case at query time) was paying 3× for the second thread.
+came back to back, but 21–23 ms after 20 ms or more of idleness. On one thread it took
+5.4 ms and 7.4–9.1 ms (docs/benchmarks.md §3, machine H). A query that arrives at an
+idle worker, the common case at query time, was paying 2.5–3× for the second thread.
 
-So a small pass (its matmuls under a FLOP budget for which one thread finishes sooner
-than cold ones) runs on one thread while the other threads are cold: no pass used them
-in the last 10 ms. A big pass wakes them, and so do 50 ms of passes with no gap of
-10 ms between them (a steady stream of small requests).
+So a small pass always runs on one thread. The choice depends on the batch alone, never
+on timing, because the thread count changes the numbers: at 159 tokens, bf16 vectors
+from one and two threads differ by up to 7e-4. The same batch must give the same vectors
+whenever it runs. When passes come back to back, one thread costs 0.6–1.6 ms more per
+small bf16 pass (+13–21%) on machine H. float32 stays on every thread: there one thread
+cost +40–60% back to back.
 """
 
 from __future__ import annotations
 
-# Idle time after which the other cores count as cold (measured: warm at 10 ms of
-# idleness, cold from 20 ms on).
-COLD_AFTER_S = 0.010
-# Matmul work below which one thread beats all threads when they are cold, in FLOPs of
-# the pass. all-MiniLM-L6-v2 (21 MFLOP a token) on the AMX Xeon: bf16, one thread won at
-# 512 tokens (24.5 vs 31.9 ms) and lost at 1,024 (40.7 vs 27.4); float32 won at 64
-# tokens (18.4 vs 37.1) and lost at 256 (51.7 vs 42.8).
-SINGLE_THREAD_FLOPS = {"bfloat16": 12e9, "float32": 3e9}
-# Passes with no idle gap (< COLD_AFTER_S) between them for this long wake the other
-# cores anyway: a steady stream of small passes would otherwise stay on one thread for
-# good. That costs one cold pass.
-WAKE_AFTER_BUSY_S = 0.050
+from dataclasses import dataclass
+
+# Matmul FLOPs of a pass up to which one thread runs it, for a worker of two threads:
+# ~140 tokens of all-MiniLM-L6-v2 (21 MFLOP a token). In bf16 on machine H, after 50 ms of
+# idleness one thread was 2–2.5× faster up to 1 × 64 tokens (10.9 vs 27.1 ms), while at
+# 128–512 tokens the idle penalty came and went from run to run (one thread vs all, 1 × 128:
+# 13.3 vs 10.7 ms; 8 × 64: 27.0 vs 36.1), so those passes keep every thread.
+SINGLE_THREAD_FLOPS = {"bfloat16": 3e9}
+# Measured on two threads only. With more, a one-thread pass gives up more when the
+# cores are warm, so the budget shrinks with the thread count.
+MEASURED_THREADS = 2
 
 
+@dataclass(frozen=True)
 class PassThreads:
-    """Thread count per pass: all ``threads``, or 1 for a small pass while the other
-    cores are cold. The caller gives the clock (time.monotonic()) at each pass's
-    begin() and end()."""
+    """Thread count per pass: 1 for a pass of at most ``single_thread_tokens`` tokens
+    (padded, the whole batch), else all ``threads``."""
 
-    def __init__(self, threads: int, single_thread_tokens: int) -> None:
-        self.threads = threads
-        # Passes of at most this many tokens (padded) run on one thread when cold; 0: never.
-        self.single_thread_tokens = single_thread_tokens
-        self._parallel_end = float("-inf")  # when a pass on > 1 thread last ended
-        self._last_end = float("-inf")
-        self._busy_since = 0.0  # start of the current run of passes without idle gaps
-        self._running = threads
+    threads: int
+    # 0: every pass runs on all threads.
+    single_thread_tokens: int
 
-    @property
-    def running(self) -> int:
-        """The thread count of the pass in progress, or of the last one."""
-        return self._running
-
-    def begin(self, tokens: int, now: float) -> int:
-        """The thread count for a pass of ``tokens`` that starts at ``now``."""
-        if now - self._last_end >= COLD_AFTER_S:
-            self._busy_since = now
-        cold = now - self._parallel_end >= COLD_AFTER_S and now - self._busy_since < WAKE_AFTER_BUSY_S
-        small = tokens <= self.single_thread_tokens
-        self._running = 1 if self.threads > 1 and cold and small else self.threads
-        return self._running
-
-    def end(self, now: float) -> None:
-        self._last_end = now
-        if self._running > 1:
-            self._parallel_end = now
+    def for_pass(self, tokens: int) -> int:
+        return 1 if self.threads > 1 and tokens <= self.single_thread_tokens else self.threads
 
 
-def single_thread_tokens(dtype: str, flops_per_token: float) -> int:
-    """The largest pass, in tokens, that one thread runs sooner than cold threads."""
-    budget = SINGLE_THREAD_FLOPS.get(dtype, 0.0)
-    if flops_per_token <= 0 or budget <= 0:
+def single_thread_tokens(dtype: str, flops_per_token: float, threads: int) -> int:
+    """The largest pass, in tokens, that runs on one thread (0: none)."""
+    budget = SINGLE_THREAD_FLOPS.get(dtype, 0.0) * min(1.0, MEASURED_THREADS / max(threads, 1))
+    if flops_per_token <= 0 or budget <= 0 or threads < 2:
         return 0
     return int(budget // flops_per_token)

@@ -206,13 +206,13 @@ class TorchBackend:
                 raise ConfigError(f"--quantize int8 needs torch._int_mm (torch {torch.__version__} lacks it)")
             log.info("int8: %d Linear layers quantized", quantize_int8(self.model))
         self.compiled = config.compile
-        # With --cold-single-thread, small passes while the other cores are cold run on
-        # one thread (worker/threads.py): eager float32 and bfloat16 on a CPU, where it
-        # was measured.
-        rule_on = config.cold_single_thread and self.device.type == "cpu"
+        # Small passes run on one thread (worker/threads.py): eager bf16 on a CPU, where
+        # it was measured (int8 and --compile not).
+        threads = torch.get_num_threads()
+        rule_on = config.single_thread_small_passes and self.device.type == "cpu"
         rule_on = rule_on and not config.quantize and not config.compile
-        limit = single_thread_tokens(self.dtype_name, linear_flops_per_token(self.model)) if rule_on else 0
-        self._thread_policy = PassThreads(torch.get_num_threads(), limit)
+        flops = linear_flops_per_token(self.model) if rule_on else 0.0
+        self._thread_policy = PassThreads(threads, single_thread_tokens(self.dtype_name, flops, threads))
         self._length_step = length_step(self.device.type, self.dtype_name, config.quantize, config.compile)
         # Kernels warm-up runs at each bucket: (kind, in, out, bias) → module; see _prime_kernels.
         self._kernels: dict[tuple[str, int, int, bool], torch.nn.Module] = {}
@@ -308,18 +308,15 @@ class TorchBackend:
 
     @contextmanager
     def _forward_pass(self, ids: torch.Tensor) -> Iterator[None]:
-        """inference_mode, on the thread count PassThreads gives this pass.
+        """inference_mode, on the thread count PassThreads gives this pass's size.
 
-        torch's count changes only when the answer does, so a run of idle queries never
+        torch's count changes only when the answer does, so a run of small passes never
         switches: a switch rebuilds thread pools (~80 µs measured for each on machine H)."""
-        threads = self._thread_policy.begin(ids.numel(), time.monotonic())
+        threads = self._thread_policy.for_pass(ids.numel())
         if threads != torch.get_num_threads():
             torch.set_num_threads(threads)
-        try:
-            with torch.inference_mode():
-                yield
-        finally:
-            self._thread_policy.end(time.monotonic())
+        with torch.inference_mode():
+            yield
 
     def embed(self, batch: Sequence[Sequence[int]]) -> np.ndarray:
         ids, mask, lengths = self._collate(batch)
@@ -415,8 +412,8 @@ class TorchBackend:
             singles = [(1, length) for length in buckets if length <= WARMUP_SINGLE_MAX_TOKENS]
             primed = self._prime_kernels([(self._max_batch, length) for length in buckets] + singles)
             if self._thread_policy.single_thread_tokens:
-                # Small passes after an idle spell run on one thread (worker/threads.py),
-                # and oneDNN builds its kernels per thread count as well.
+                # Small passes run on one thread (worker/threads.py), and oneDNN builds
+                # its kernels per thread count as well.
                 torch.set_num_threads(1)
                 try:
                     limit = self._thread_policy.single_thread_tokens
