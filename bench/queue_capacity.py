@@ -2,7 +2,7 @@
 
 Measures what the queue itself can carry: single-input requests per second at a given
 concurrency, and embeddings per second in multi-input requests (384-d float32 on the
-wire). Run: python bench/queue_capacity.py [--requests 20000] [--concurrency 256]
+wire). Run: python bench/queue_capacity.py [--requests 20000] [--concurrency 256] [--max-batch-requests 256]
 """
 
 from __future__ import annotations
@@ -74,7 +74,7 @@ async def measure(url: str, args: argparse.Namespace, pids: dict[str, int]) -> N
             )
 
 
-def start_worker(url: str) -> subprocess.Popen[bytes]:
+def start_worker(url: str, max_batch_requests: int) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
         [
             sys.executable,
@@ -90,7 +90,7 @@ def start_worker(url: str) -> subprocess.Popen[bytes]:
             "--redis-url",
             url,
             "--max-batch-requests",
-            "256",
+            str(max_batch_requests),
         ],
     )
 
@@ -106,9 +106,13 @@ def main() -> int:
         help="inputs per request, one measurement each (comma-separated)",
     )
     p.add_argument("--workers", type=int, default=1, help="fake worker processes sharing the stream")
+    # The fake model has no cost per pass, so the batch size sets how many jobs share the
+    # worker's per-pass work (a Redis round trip, a thread hand-off, a reply pipeline).
+    # 256 is what every recorded run used; 512 is a GPU worker's default.
+    p.add_argument("--max-batch-requests", type=int, default=256, help="the fake worker's batch size")
     args = p.parse_args()
     with tempfile.TemporaryDirectory(prefix="embedq-cap-") as tmp, RedisServer(Path(tmp)) as server:
-        workers = [start_worker(server.url) for _ in range(args.workers)]
+        workers = [start_worker(server.url, args.max_batch_requests) for _ in range(args.workers)]
         try:
             r = redis.Redis.from_url(server.url)
             while r.zcard(keys.workers_key(MODEL)) < len(workers):

@@ -19,6 +19,7 @@ import redis
 
 from embedq import Client
 from embedq.common import keys
+from embedq.ingest import IngestOptions
 from embedq.redis_server import RedisServer
 
 from .helpers import MODEL, start_worker
@@ -44,8 +45,12 @@ def _embed_file(url: str, *args: str | Path, model: str = MODEL) -> subprocess.C
 
 
 def _reference(url: str, texts: list[str], model: str = MODEL) -> np.ndarray:
+    """What the SDK returns for the same requests as embed-file's (chunks of 64, its
+    default), so a worker cuts the same batches: a real model's bf16 vectors depend on a
+    text's batch by up to ~1e-3 (docs/benchmarks.md §3, machine H, session 11)."""
+    size = IngestOptions.chunk_size
     with Client(url, model=model) as client:
-        return np.concatenate([client.embed(texts[i : i + 32]) for i in range(0, len(texts), 32)])
+        return np.concatenate([client.embed(texts[i : i + size]) for i in range(0, len(texts), size)])
 
 
 def _read_parquet(path: Path, id_name: str = "id") -> tuple[list[str], np.ndarray]:
