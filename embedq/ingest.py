@@ -404,7 +404,7 @@ def add_embed_file_arguments(p: argparse.ArgumentParser, redis_url: str) -> None
     p.add_argument("--output-format", choices=["parquet", "npy"], default=None)
     p.add_argument("--id-field", default="id", help="the id column ('' numbers the rows from 0)")
     p.add_argument("--text-field", default="text")
-    p.add_argument("--chunk-size", type=int, default=64, help="texts per job")
+    p.add_argument("--chunk-size", type=int, default=IngestOptions.chunk_size, help="texts per job")
     p.add_argument("--max-in-flight", type=int, default=16, help="jobs outstanding at once")
     p.add_argument("--part-rows", type=int, default=8192, help="rows per resumable part file")
     p.add_argument("--no-normalize", action="store_true")

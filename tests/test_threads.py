@@ -42,6 +42,7 @@ def test_token_limit_follows_the_model_the_dtype_and_the_thread_count() -> None:
 
 
 def test_backend_runs_small_passes_on_one_thread_and_their_vectors_do_not_depend_on_timing() -> None:
+    from embedq.worker.backends import torch_backend
     from embedq.worker.backends.torch_backend import TorchBackend, linear_flops_per_token
     from embedq.worker.config import WorkerConfig, resolve_model
 
@@ -51,9 +52,7 @@ def test_backend_runs_small_passes_on_one_thread_and_their_vectors_do_not_depend
     off = _backend(dtype="bfloat16", single_thread_small_passes=False)
     assert off._thread_policy.single_thread_tokens == 0
     backend: TorchBackend = _backend(dtype="bfloat16")  # on by default
-    threads = backend._thread_policy.threads
-    if threads < 2:
-        pytest.skip("one CPU thread: nothing to choose")
+    threads = backend._thread_policy.threads  # 2: _backend sets it, whatever the cores
     assert linear_flops_per_token(backend.model) == pytest.approx(MINILM_FLOPS, rel=0.01)
     seen: list[int] = []
     backend.model.register_forward_pre_hook(lambda *_: seen.append(torch.get_num_threads()))
@@ -75,4 +74,16 @@ def test_backend_runs_small_passes_on_one_thread_and_their_vectors_do_not_depend
     assert torch.get_num_threads() == 1
     model_id, path = resolve_model(None, "torch")
     config = WorkerConfig(model_id=model_id, model_path=path, served_model_name=model_id, dtype="bfloat16")
-    assert TorchBackend(config)._thread_policy.threads > 1  # no --threads: torch's default
+    # No --threads: torch's default count, taken at import (> 1 on a multi-core machine).
+    assert TorchBackend(config)._thread_policy.threads == torch_backend._DEFAULT_THREADS
+
+
+def test_flag_and_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    from .test_precision import _config
+
+    assert _config().single_thread_small_passes is True
+    assert _config("--single-thread-small-passes", "false").single_thread_small_passes is False
+    # The environment sets the default (read when the parser is built).
+    monkeypatch.setenv("EMBEDQ_SINGLE_THREAD_SMALL_PASSES", "off")
+    assert _config().single_thread_small_passes is False
+    assert _config("--single-thread-small-passes", "true").single_thread_small_passes is True

@@ -68,9 +68,6 @@ class WorkerConfig:
     quantize: QuantizeName | None = None
     # torch.compile the model; input lengths are then padded up to BUCKET_TOKENS multiples.
     compile: bool = False
-    # Small CPU passes after an idle spell run on one thread (worker/threads.py). Off by
-    # default: in bf16 a pass on one thread gives vectors up to ~5e-3 away from two
-    # threads', so a text's vector would depend on timing.
     # CPU bf16: passes under a FLOP budget run on one thread (worker/threads.py).
     single_thread_small_passes: bool = True
     max_batch_tokens: int = 16384
