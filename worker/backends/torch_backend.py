@@ -397,7 +397,8 @@ class TorchBackend:
         (allocations, oneDNN kernel set-up: ~5 ms on the first request without them).
         Eager with length buckets: also each distinct matmul kernel at every bucket up to
         WARMUP_MAX_TOKENS at a full batch, and up to WARMUP_SINGLE_MAX_TOKENS at batch 1,
-        which builds the oneDNN kernels a forward pass at those shapes will look up.
+        which builds the oneDNN kernels a forward pass at those shapes will look up; and
+        at batch 1 on one thread up to the one-thread budget (worker/threads.py).
         With --compile: every length bucket, at batch 1 and at a full batch (torch.compile
         builds a separate graph for size 1), so compiling happens here, not on a request.
         """
@@ -413,11 +414,13 @@ class TorchBackend:
             primed = self._prime_kernels([(self._max_batch, length) for length in buckets] + singles)
             if self._thread_policy.single_thread_tokens:
                 # Small passes run on one thread (worker/threads.py), and oneDNN builds
-                # its kernels per thread count as well.
+                # its kernels per thread count as well. A matmul kernel follows the rows
+                # (batch × width), so one input at every bucket up to the budget covers
+                # every small batch too.
                 torch.set_num_threads(1)
                 try:
                     limit = self._thread_policy.single_thread_tokens
-                    primed += self._prime_kernels([s for s in singles if s[1] <= limit])
+                    primed += self._prime_kernels([(1, length) for length in buckets if length <= limit])
                 finally:
                     torch.set_num_threads(self._thread_policy.threads)
             log.info("warm-up: %d matmul kernels in %.1f s", primed, time.perf_counter() - start)
