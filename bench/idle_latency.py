@@ -4,8 +4,8 @@ one run, with the count the worker picks for each shape (worker/threads.py).
 embedq's TorchBackend runs in this process on one model thread, as in the worker, with
 the worker's OpenMP waits. For each gap, each mode in turn runs passes with that gap
 before each; the table gives the median pass time in ms. On a VM whose other vCPU
-sleeps when idle, passes on every thread get slow after 10–20 ms of idleness
-(docs/benchmarks.md §3, machine H).
+sleeps when idle, passes on every thread get slow after 20–50 ms of idleness (the line
+moves from run to run; docs/benchmarks.md §3, machine H).
 
     python bench/idle_latency.py
     python bench/idle_latency.py --dtype float32 --shapes 1x16,1x64,4x64 --json-out idle.json
