@@ -175,7 +175,8 @@ class TorchBackend:
 
         path = Path(config.model_path)
         layout = read_layout(path, pooling=config.pooling, llm_reranker=config.llm_reranker)
-        torch.set_num_threads(config.threads or _DEFAULT_THREADS)
+        threads = config.threads or _DEFAULT_THREADS
+        torch.set_num_threads(threads)
         self.device = torch.device(config.device)
         # WorkerConfig can be built without config_from_args (benchmarks, tests).
         check_precision(config.device, config.dtype, config.quantize)
@@ -208,7 +209,6 @@ class TorchBackend:
         self.compiled = config.compile
         # Small passes run on one thread (worker/threads.py): eager bf16 on a CPU, where
         # it was measured (int8 and --compile not).
-        threads = torch.get_num_threads()
         rule_on = config.single_thread_small_passes and self.device.type == "cpu"
         rule_on = rule_on and not config.quantize and not config.compile
         flops = linear_flops_per_token(self.model) if rule_on else 0.0
