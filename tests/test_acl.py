@@ -115,6 +115,8 @@ def test_each_role_does_its_job_and_nothing_more(acl_redis: AclRedis, tmp_path: 
         assert client.client_id.startswith("producer.")
         assert client.embed(["hello", "world"]).shape == (2, 384)
         assert client.embed(["hello"]).shape == (1, 384)  # a cache hit
+        # 32 vectors (49 KB): a reply this large is written with MULTI/EXEC, not a script.
+        assert client.embed([f"text {i}" for i in range(32)]).shape == (32, 384)
         assert sum(len(v) for v in client.embed_many(["a", "b", "c"], chunk_size=2)) == 3
         own_replies = client.reply_stream
 
