@@ -9,22 +9,18 @@ time its caller can read the answer.
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TypeAlias, cast
 
 import redis.asyncio as aioredis
-from redis.asyncio.connection import Connection
 from redis.exceptions import NoScriptError, ResponseError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.typing import EncodableT, FieldT, KeyT, StreamIdT
 
 from embedq.common import keys
-from embedq.common.aio import within
 from embedq.common.ids import now_ms
+from embedq.worker.redis_io import Command, exchange
 
 log = logging.getLogger(__name__)
 
@@ -307,7 +303,7 @@ class JobStream:
         ids of replies already in their stream, which need their acknowledgement only."""
         if not replies:
             return []
-        commands: list[tuple[EncodableT, ...]] = []
+        commands: list[Command] = []
         shapes: list[int] = []  # how many replies each reply's commands get from Redis
         for r in replies:
             d = r.delivery
@@ -327,7 +323,7 @@ class JobStream:
                     ("EVALSHA", self._reply_and_ack.sha, 3, *ack_keys, keys.REPLY_FIELD, r.payload, *ack_args)
                 )
                 shapes.append(1)
-        raw = iter(await self._exchange(commands))
+        raw = iter(await exchange(self.redis, commands))
         results: list[object] = []
         for n in shapes:
             if n == 1:
@@ -342,40 +338,6 @@ class JobStream:
             else:  # [XADD's result, the ack's]: the ack knows whether the XADD ran
                 results.append(cast("list[object]", executed)[1])
         return results
-
-    async def _exchange(self, commands: Sequence[tuple[EncodableT, ...]]) -> list[object]:
-        """Send commands in one write and read their replies; an error reply is returned in
-        its place. One connection, no retries (the caller retries with backoff; a blind
-        retry could write replies twice).
-
-        redis-py's pipeline costs ~15 µs of Python per reply read; the reply path reads
-        up to four per answered job, so it reads with the connection's own calls under
-        one deadline for the whole exchange.
-        """
-        pool = self.redis.connection_pool
-        conn = cast("Connection", await pool.get_connection())  # type: ignore[no-untyped-call]
-        try:
-            return await within(self._send_and_read(conn, commands), conn.socket_timeout)
-        except BaseException as exc:
-            # Replies left unread would be taken for the next command's.
-            await conn.disconnect()
-            if isinstance(exc, asyncio.TimeoutError):
-                raise RedisTimeoutError("Timeout reading from Redis") from exc
-            raise
-        finally:
-            await pool.release(conn)
-
-    @staticmethod
-    async def _send_and_read(conn: Connection, commands: Sequence[tuple[EncodableT, ...]]) -> list[object]:
-        await conn.send_packed_command(conn.pack_commands(commands))
-        out: list[object] = []
-        for _ in commands:
-            try:
-                # No deadline per read: _exchange holds one for all of them.
-                out.append(await conn.read_response(timeout=math.inf))
-            except ResponseError as exc:
-                out.append(exc)
-        return out
 
     @staticmethod
     def _suspect_field(d: Delivery) -> str:
