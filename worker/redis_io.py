@@ -1,9 +1,10 @@
 """Many commands on one connection in one write, for the worker's reply round.
 
 redis-py's pipeline spends ~15 µs of Python on every reply it reads (a deadline per
-read, response callbacks, observability hooks); a worker's reply round reads up to four
-per answered job. This sends the commands in one write and reads the replies with the
-connection's own calls under one deadline for them all.
+read, response callbacks, observability hooks) and ~10 µs packing each command; a
+worker's reply round sends up to four commands per answered job. This packs them with
+hiredis, sends them in one write and reads the replies with the connection's own calls
+under one deadline for them all.
 """
 
 from __future__ import annotations
@@ -13,15 +14,15 @@ import math
 from collections.abc import Sequence
 from typing import cast
 
+import hiredis
 import redis.asyncio as aioredis
 from redis.asyncio.connection import Connection
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
-from redis.typing import EncodableT
 
 from embedq.common.aio import within
 
-Command = tuple[EncodableT, ...]
+Command = tuple[str | int | float | bytes, ...]
 
 
 async def exchange(redis: aioredis.Redis, commands: Sequence[Command]) -> list[object]:
@@ -48,7 +49,9 @@ async def exchange(redis: aioredis.Redis, commands: Sequence[Command]) -> list[o
 
 
 async def _send_and_read(conn: Connection, commands: Sequence[Command]) -> list[object]:
-    await conn.send_packed_command(conn.pack_commands(commands))
+    # hiredis packs in C (~1.7 µs for a reply's EVALSHA against ~10 in redis-py).
+    # (hiredis's stub types its argument as a 1-tuple.)
+    await conn.send_packed_command([hiredis.pack_command(c) for c in commands])  # type: ignore[arg-type]
     out: list[object] = []
     for _ in commands:
         try:
