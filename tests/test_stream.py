@@ -32,6 +32,7 @@ class Setup:
     delivery: Delivery
     client: aioredis.Redis
     r: redis.Redis
+    url: str
 
 
 @pytest.fixture
@@ -44,7 +45,7 @@ async def setup(redis_server: RedisServer) -> AsyncIterator[Setup]:
     (delivery,) = await stream.read_new(10, 100)
     await stream.mark_suspects([delivery])
     try:
-        yield Setup(stream, delivery, client, r)
+        yield Setup(stream, delivery, client, r, redis_server.url)
     finally:
         r.config_set("maxmemory", 0)
         await client.aclose()
@@ -105,3 +106,20 @@ async def test_out_of_memory_refuses_reply_and_ack_together(setup: Setup, payloa
     r.config_set("maxmemory", 0)
     assert await setup.stream.reply_and_ack([reply]) == []
     assert r.xlen(reply_to) == 1 and r.xlen(keys.jobs_stream(MODEL)) == 0 and _pending(r) == 0
+
+
+async def test_a_refused_multi_still_answers_once(setup: Setup) -> None:
+    """A worker whose ACL user lacks MULTI (an ACL file older than the code): the large
+    reply's commands run one by one and the script's own answer decides, so the caller
+    gets one answer and the request is acknowledged, not answered again at every retry."""
+    r = setup.r
+    r.acl_setuser("nomulti", enabled=True, nopass=True, keys=["*"], commands=["+@all", "-multi"])
+    limited = aioredis.Redis.from_url(setup.url, username="nomulti", password="")
+    try:
+        stream = JobStream(limited, MODEL, "c1", reply_ttl_s=60)
+        reply_to = keys.reply_stream("caller-5")
+        payload = bytes(SCRIPT_REPLY_MAX_BYTES + 1)
+        assert await stream.reply_and_ack([OutgoingReply(setup.delivery, reply_to, payload)]) == []
+        assert r.xlen(reply_to) == 1 and r.xlen(keys.jobs_stream(MODEL)) == 0 and _pending(r) == 0
+    finally:
+        await limited.aclose()

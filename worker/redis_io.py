@@ -40,12 +40,14 @@ async def exchange(redis: aioredis.Redis, commands: Sequence[Command]) -> list[o
         return await within(_send_and_read(conn, commands), conn.socket_timeout)
     except BaseException as exc:
         # Replies left unread would be taken for the next command's.
-        await conn.disconnect()
+        await conn.disconnect(nowait=True)
         if isinstance(exc, asyncio.TimeoutError):
             raise RedisTimeoutError("Timeout reading from Redis") from exc
         raise
     finally:
-        await pool.release(conn)
+        # Shielded: a second cancellation must not lose the pool's slot (the pool blocks
+        # callers, with no timeout, once its slots are gone).
+        await asyncio.shield(pool.release(conn))
 
 
 async def _send_and_read(conn: Connection, commands: Sequence[Command]) -> list[object]:

@@ -149,7 +149,6 @@ class JobStream:
         self._renew = redis.register_script(_RENEW_SCRIPT)
         self._mark_suspects = redis.register_script(_MARK_SUSPECTS_SCRIPT)
         self._reply_and_ack = redis.register_script(_REPLY_AND_ACK_SCRIPT)
-        self._ack_after_reply = redis.register_script(_ACK_AFTER_REPLY_SCRIPT)
         self._info: dict[str, str] | None = None
 
     async def ensure_group(self) -> None:
@@ -283,24 +282,19 @@ class JobStream:
         """Write each reply and acknowledge and delete its request, atomically per reply
         (one round trip for all). Returns the replies Redis refused, with its error;
         their requests stay pending. Connection errors raise."""
-        results = await self._reply_and_ack_once(replies, written=set())
+        results = await self._reply_and_ack_once(replies)
         if any(isinstance(res, NoScriptError) for res in results):
-            # A restarted (or flushed) Redis lost its script cache: load the scripts and
-            # send those again. A large reply's XADD ran before its NOSCRIPT: only its
-            # acknowledgement is sent again, so the caller gets one answer.
+            # A restarted (or flushed) Redis lost its script cache: load it, send those
+            # again. Only the small replies' script can answer NOSCRIPT, before it wrote
+            # anything (the transaction path sends its script's body).
             await self.redis.script_load(_REPLY_AND_ACK_SCRIPT)
-            await self.redis.script_load(_ACK_AFTER_REPLY_SCRIPT)
             again = [r for r, res in zip(replies, results, strict=True) if isinstance(res, NoScriptError)]
-            written = {id(r) for r in again if len(r.payload) > SCRIPT_REPLY_MAX_BYTES}
-            retried = iter(await self._reply_and_ack_once(again, written=written))
+            retried = iter(await self._reply_and_ack_once(again))
             results = [next(retried) if isinstance(res, NoScriptError) else res for res in results]
         return [(r, res) for r, res in zip(replies, results, strict=True) if isinstance(res, Exception)]
 
-    async def _reply_and_ack_once(
-        self, replies: Sequence[OutgoingReply], *, written: set[int]
-    ) -> list[object]:
-        """One result per reply: 1, or the exception Redis answered. ``written`` holds the
-        ids of replies already in their stream, which need their acknowledgement only."""
+    async def _reply_and_ack_once(self, replies: Sequence[OutgoingReply]) -> list[object]:
+        """One result per reply: 1, or the exception Redis answered."""
         if not replies:
             return []
         commands: list[Command] = []
@@ -309,13 +303,12 @@ class JobStream:
             d = r.delivery
             ack_args = (self._reply_ttl_ms, self.group, d.entry_id, self._suspect_field(d))
             ack_keys = (r.reply_to, d.stream, self.suspects)
-            if id(r) in written:
-                commands.append(("EVALSHA", self._ack_after_reply.sha, 3, *ack_keys, *ack_args))
-                shapes.append(1)
-            elif len(r.payload) > SCRIPT_REPLY_MAX_BYTES:
+            if len(r.payload) > SCRIPT_REPLY_MAX_BYTES:
                 commands.append(("MULTI",))
                 commands.append(("XADD", r.reply_to, "*", keys.REPLY_FIELD, r.payload))
-                commands.append(("EVALSHA", self._ack_after_reply.sha, 3, *ack_keys, *ack_args))
+                # EVAL, not EVALSHA: a NOSCRIPT here would come after the XADD had run,
+                # leaving a written reply unacknowledged (Redis caches the compiled body).
+                commands.append(("EVAL", _ACK_AFTER_REPLY_SCRIPT, 3, *ack_keys, *ack_args))
                 commands.append(("EXEC",))
                 shapes.append(4)
             else:
@@ -329,7 +322,12 @@ class JobStream:
             if n == 1:
                 results.append(next(raw))
                 continue
-            *queued, executed = (next(raw) for _ in range(n))
+            multi, *queued, executed = (next(raw) for _ in range(n))
+            # A refused MULTI (an ACL without it) leaves the commands after it to run one
+            # by one: the script's own answer says whether the request was acknowledged.
+            if isinstance(multi, Exception):
+                results.append(queued[1])
+                continue
             # A command refused when queued (out of memory) makes EXEC abort; the error
             # that explains it is the refused command's.
             refused = [q for q in queued if isinstance(q, Exception)]
