@@ -9,21 +9,27 @@ with the bundled model's WordPiece tokenizer, so both sides load the same files:
 - ``qwen3-0.6b``: Qwen3-Embedding-0.6B's shape (28 layers × 1024, 16 query heads of 128,
   8 KV heads, MLP 3072), last-token pooling.
 
-Per model and sequence length (128 and 512 tokens), every row exactly that long:
+Per model and sequence length L (128 and 512 tokens), two workloads: ``L`` (every row
+exactly L tokens) and ``≤L`` (lengths drawn uniformly from L/8..L, as real passages
+are), each with these runners:
 
-1. embedq: ``TorchBackend.embed`` (``--dtype auto``: bf16 on a GPU that has it), the
+1. embedq packed: ``TorchBackend.embed`` with ``--packing auto`` (on a GPU in bf16: the
+   sequences end to end, flash varlen attention; worker/backends/packed.py), the
    worker's own path: pinned host copies, the forward pass, pooling, the copy back;
-2. sentence-transformers' module path (its ``forward`` on the same ids, i.e. ``encode``
-   without tokenization) in float32, its default, and in bfloat16.
+2. embedq padded: the same with ``--packing off`` (right-padded rows, SDPA);
+3. sentence-transformers' module path (its ``forward`` on the same ids, i.e. ``encode``
+   without tokenization) in float32, its default, and in bfloat16, padded to the
+   batch's longest row as ``encode`` pads.
 
 Each runner: two untimed batches, then ``--batches`` timed ones. MFU = model FLOPs ÷ time
-÷ the device's measured bf16 matmul peak (best of square matmuls). FLOPs: 2 · (weights
-of the Linear layers) · tokens + attention's QKᵀ and AV (4 · L² · heads · head_dim per
-sequence and layer); embeddings, norms, activations and pooling are not counted.
+÷ the device's measured bf16 matmul peak (best of square matmuls). FLOPs count real
+tokens only (padding is waste, not work): 2 · (weights of the Linear layers) per token +
+attention's QKᵀ and AV (4 · len² · heads · head_dim per sequence and layer); embeddings,
+norms, activations and pooling are not counted.
 
     python bench/gpu_throughput.py --json-out gpu.json
-    python bench/gpu_throughput.py --models bert-base --lengths 512 --batches 20
-    python bench/gpu_throughput.py --device cpu --tiny      # checks the script, no GPU
+    python bench/gpu_throughput.py --models bert-base --lengths 512 --batches 20 --workloads mixed
+    python bench/gpu_throughput.py --device cpu --tiny --packings on,off   # checks the script, no GPU
 
 On a machine without the device it says so and exits 2.
 """
@@ -88,6 +94,7 @@ POOLING_KEYS = {"mean": "pooling_mode_mean_tokens", "last-token": "pooling_mode_
 class Result:
     model: str
     length: int
+    workload: str  # "fixed": every row `length` tokens; "mixed": length/8..length
     batch: int
     runner: str
     sequences_per_s: float
@@ -98,8 +105,11 @@ class Result:
 
 
 # ---------------------------------------------------------------- models
-def build_folder(folder: Path, name: str, tiny: bool, max_length: int) -> Path:
-    """A sentence-transformers folder with random weights of ``name``'s shape."""
+def build_folder(
+    folder: Path, name: str, tiny: bool, max_length: int, tokenizer_from: Path | None = None
+) -> Path:
+    """A sentence-transformers folder with random weights of ``name``'s shape, and the
+    tokenizer files of ``tokenizer_from`` (default: the bundled model's)."""
     config_name, fields, pooling = MODELS[name]
     if tiny:
         fields = TINY_QWEN if config_name == "Qwen3Config" else TINY
@@ -109,10 +119,10 @@ def build_folder(folder: Path, name: str, tiny: bool, max_length: int) -> Path:
     )
     model = transformers.AutoModel.from_config(config).eval()
     model.save_pretrained(folder, safe_serialization=True)
-    _, bundled = resolve_model(None, "torch")
+    source = tokenizer_from or Path(resolve_model(None, "torch")[1])
     for file in TOKENIZER_FILES:
-        if (Path(bundled) / file).is_file():
-            shutil.copy(Path(bundled) / file, folder / file)
+        if (source / file).is_file():
+            shutil.copy(source / file, folder / file)
     modules = [
         {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
         {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
@@ -126,8 +136,8 @@ def build_folder(folder: Path, name: str, tiny: bool, max_length: int) -> Path:
     return folder
 
 
-def flops_per_batch(model: torch.nn.Module, rows: int, length: int) -> int:
-    """Linear layers on every token, plus attention's QKᵀ and AV."""
+def flops_per_batch(model: torch.nn.Module, lengths: Sequence[int]) -> int:
+    """Linear layers on every real token, plus attention's QKᵀ and AV per sequence."""
     weights = sum(
         m.in_features * m.out_features
         for name, m in model.named_modules()
@@ -136,8 +146,17 @@ def flops_per_batch(model: torch.nn.Module, rows: int, length: int) -> int:
     cfg: Any = model.config
     heads = int(cfg.num_attention_heads)
     head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // heads)
-    attention = int(cfg.num_hidden_layers) * 4 * rows * length * length * heads * head_dim
-    return 2 * weights * rows * length + attention
+    squares = sum(n * n for n in lengths)
+    attention = int(cfg.num_hidden_layers) * 4 * squares * heads * head_dim
+    return 2 * weights * sum(lengths) + attention
+
+
+def row_lengths(workload: str, length: int, rows: int, seed: int = 0) -> list[int]:
+    """Token counts of a batch's rows: all ``length``, or uniform in length/8..length."""
+    if workload == "fixed":
+        return [length] * rows
+    rng = np.random.default_rng(seed)
+    return rng.integers(max(1, length // 8), length + 1, size=rows).tolist()
 
 
 # ---------------------------------------------------------------- timing
@@ -177,12 +196,18 @@ def time_runner(
 
 
 def st_runner(
-    folder: Path, device: torch.device, dtype: torch.dtype, ids: torch.Tensor
+    folder: Path, device: torch.device, dtype: torch.dtype, rows: Sequence[Sequence[int]]
 ) -> Callable[[], np.ndarray]:
     from sentence_transformers import SentenceTransformer
 
     st = SentenceTransformer(str(folder), device=str(device), model_kwargs={"dtype": dtype})
-    features = {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device)}
+    width = max(len(r) for r in rows)
+    ids = torch.zeros(len(rows), width, dtype=torch.int64)
+    mask = torch.zeros(len(rows), width, dtype=torch.int64)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = torch.tensor(row)
+        mask[i, : len(row)] = 1
+    features = {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
 
     def run() -> np.ndarray:
         with torch.inference_mode():
@@ -198,67 +223,87 @@ def cosine_min(a: np.ndarray, b: np.ndarray) -> float:
     return float(cos.min())
 
 
-def measure(
-    name: str, folder: Path, length: int, batch: int, args: argparse.Namespace, peak: float
-) -> list[Result]:
-    device = torch.device(args.device)
+def embedq_runner(
+    name: str, folder: Path, args: argparse.Namespace, packing: str, rows: list[list[int]]
+) -> tuple[str, Callable[[], np.ndarray], torch.nn.Module]:
     config = WorkerConfig(
         model_id=name,
         model_path=str(folder),
         served_model_name=name,
         device=args.device,
         dtype=args.dtype,
-        max_batch_requests=batch,
+        packing=packing,  # type: ignore[arg-type]
+        max_batch_requests=len(rows),
     )
     backend = TorchBackend(config)
     backend.warmup()
-    flops = flops_per_batch(backend.model, batch, length)
+    desc = backend.description
+    label = f"embedq {'packed' if desc.packed else 'padded'} {desc.dtype}"
+    return label, functools.partial(backend.embed, rows), backend.model
+
+
+def measure(
+    name: str, folder: Path, length: int, workload: str, args: argparse.Namespace, peak: float
+) -> list[Result]:
+    device = torch.device(args.device)
+    batch = max(1, args.tokens_per_batch // length)
+    lengths = row_lengths(workload, length, batch)
     rng = np.random.default_rng(0)
-    rows = rng.integers(1000, VOCAB, size=(batch, length)).tolist()
-    run: Callable[[], np.ndarray] = functools.partial(backend.embed, rows)
-    seconds, eq_out = time_runner(run, device, args.batches)
-    runs = [(f"embedq {backend.description.dtype}", seconds, eq_out)]
-    del run, backend  # frees the device for the next runner
-    ids = torch.tensor(rows, dtype=torch.int64)
+    rows = [rng.integers(1000, VOCAB, size=n).tolist() for n in lengths]
+    runs: list[tuple[str, float, np.ndarray]] = []
+    flops = 0
+    for packing in args.packings:
+        label, run, model = embedq_runner(name, folder, args, packing, rows)
+        flops = flops_per_batch(model, lengths)
+        if any(label == seen for seen, _, _ in runs):
+            continue  # auto chose padded (no GPU): one padded runner is enough
+        seconds, out = time_runner(run, device, args.batches)
+        runs.append((label, seconds, out))
+        del run, model  # frees the device for the next runner
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     for dtype_name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
-        run = st_runner(folder, device, dtype, ids)
+        run = st_runner(folder, device, dtype, rows)
         seconds, out = time_runner(run, device, args.batches)
         runs.append((f"sentence-transformers {dtype_name}", seconds, out))
         del run
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    st_fp32 = runs[1][2]
-    results = []
-    for runner, seconds, out in runs:
-        results.append(
-            Result(
-                model=name,
-                length=length,
-                batch=batch,
-                runner=runner,
-                sequences_per_s=batch / seconds,
-                tokens_per_s=batch * length / seconds,
-                tflops=flops / seconds / 1e12,
-                mfu=flops / seconds / 1e12 / peak,
-                min_cosine_to_st_fp32=cosine_min(out, st_fp32),
-            )
+    st_fp32 = next(out for label, _, out in runs if label == "sentence-transformers float32")
+    return [
+        Result(
+            model=name,
+            length=length,
+            workload=workload,
+            batch=batch,
+            runner=runner,
+            sequences_per_s=batch / seconds,
+            tokens_per_s=sum(lengths) / seconds,
+            tflops=flops / seconds / 1e12,
+            mfu=flops / seconds / 1e12 / peak,
+            min_cosine_to_st_fp32=cosine_min(out, st_fp32),
         )
-    return results
+        for runner, seconds, out in runs
+    ]
 
 
 def print_table(results: list[Result], peak: float) -> None:
     print(f"\nbf16 matmul peak: {peak:.1f} TFLOP/s")
     print(
-        f"{'model':<12}{'len':>5}{'batch':>6}  {'runner':<32}{'seq/s':>10}{'TFLOP/s':>9}{'MFU':>7}"
+        f"{'model':<12}{'rows':>6}{'batch':>6}  {'runner':<32}{'seq/s':>10}{'TFLOP/s':>9}{'MFU':>7}"
         f"{'× ST fp32':>10}{'min cos':>10}"
     )
     for r in results:
         base = next(
-            x for x in results if (x.model, x.length) == (r.model, r.length) and x.runner.endswith("float32")
+            x
+            for x in results
+            if (x.model, x.length, x.workload) == (r.model, r.length, r.workload)
+            and x.runner == "sentence-transformers float32"
         )
         cos = f"{r.min_cosine_to_st_fp32:.5f}" if r.min_cosine_to_st_fp32 is not None else "-"
+        rows = f"{'' if r.workload == 'fixed' else '≤'}{r.length}"
         print(
-            f"{r.model:<12}{r.length:>5}{r.batch:>6}  {r.runner:<32}{r.sequences_per_s:>10.1f}"
+            f"{r.model:<12}{rows:>6}{r.batch:>6}  {r.runner:<32}{r.sequences_per_s:>10.1f}"
             f"{r.tflops:>9.1f}{r.mfu:>7.3f}{r.sequences_per_s / base.sequences_per_s:>9.2f}×{cos:>10}"
         )
 
@@ -270,8 +315,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--models", default=",".join(MODELS), help="comma-separated: " + ", ".join(MODELS))
     p.add_argument("--lengths", default="128,512", help="comma-separated sequence lengths")
     p.add_argument("--tokens-per-batch", type=int, default=32768, help="batch = this ÷ length")
+    p.add_argument(
+        "--packings",
+        default="auto,off",
+        help="embedq runners by --packing (auto packs on a GPU; on forces the packed path, "
+        "which a CPU runs with per-sequence attention)",
+    )
+    p.add_argument(
+        "--workloads",
+        default="fixed,mixed",
+        help="comma-separated: fixed (every row L tokens), mixed (L/8..L tokens)",
+    )
     p.add_argument("--batches", type=int, default=10, help="timed batches per runner")
     p.add_argument("--tiny", action="store_true", help="tiny stand-ins of each model (a quick check)")
+    p.add_argument(
+        "--tokenizer-from",
+        type=Path,
+        default=None,
+        help="folder with the WordPiece tokenizer files (default: the bundled model's; "
+        "scripts/device_kit.sh copies them for a machine without the model package)",
+    )
     p.add_argument("--json-out", type=Path, default=None)
     args = p.parse_args(argv)
     args.models = [m for m in args.models.split(",") if m]
@@ -279,6 +342,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if unknown:
         p.error(f"unknown model(s) {', '.join(unknown)}: use {', '.join(MODELS)}")
     args.lengths = [int(x) for x in args.lengths.split(",") if x]
+    args.workloads = [w for w in args.workloads.split(",") if w]
+    args.packings = [x for x in args.packings.split(",") if x]
+    if not args.packings or not set(args.packings) <= {"auto", "on", "off"}:
+        p.error("--packings takes auto, on and/or off")
+    if not set(args.workloads) <= {"fixed", "mixed"}:
+        p.error("--workloads takes fixed and/or mixed")
     return args
 
 
@@ -294,11 +363,12 @@ def main(argv: list[str] | None = None) -> int:
     results: list[Result] = []
     with tempfile.TemporaryDirectory(prefix="embedq-gpu-") as tmp:
         for model in args.models:
-            folder = build_folder(Path(tmp) / model, model, args.tiny, max(args.lengths))
+            folder = build_folder(Path(tmp) / model, model, args.tiny, max(args.lengths), args.tokenizer_from)
             for length in args.lengths:
-                batch = max(1, args.tokens_per_batch // length)
-                print(f"{model}, {batch} × {length} tokens ...", flush=True)
-                results += measure(model, folder, length, batch, args, peak)
+                for workload in args.workloads:
+                    batch = max(1, args.tokens_per_batch // length)
+                    print(f"{model}, {batch} rows of {length} tokens ({workload}) ...", flush=True)
+                    results += measure(model, folder, length, workload, args, peak)
     print_table(results, peak)
     if args.json_out is not None:
         report = {

@@ -124,25 +124,43 @@ def _build(folder: Path, bundled: Path, family: str) -> Path:
     return folder
 
 
-@pytest.mark.parametrize("family", sorted(FAMILIES))
+# Packed (padding-free) batches through the queue for one family per pooling; every
+# packed family is compared with padded batches in tests/test_packed.py.
+PACKED_THROUGH_QUEUE = ("bert+dense", "xlm-roberta", "qwen3")
+
+
+@pytest.mark.parametrize(
+    ("family", "packing"),
+    [(f, "off") for f in sorted(FAMILIES)] + [(f, "on") for f in PACKED_THROUGH_QUEUE],
+)
 def test_family_embeddings_match_sentence_transformers(
-    family: str, module_redis: RedisServer, model_path: Path, tmp_path: Path
+    family: str, packing: str, module_redis: RedisServer, model_path: Path, tmp_path: Path
 ) -> None:
     folder = _build(tmp_path / family, model_path, family)
     reference = SentenceTransformer(str(folder), device="cpu")
     expected = np.stack([reference.encode([t], normalize_embeddings=False)[0] for t in TEXTS])
 
-    name = f"tiny-{family}"
-    args = ("--model-id", str(folder), "--served-model-name", name, "--dtype", "float32")
+    name = f"tiny-{family}-{packing}"
+    args = (
+        "--model-id",
+        str(folder),
+        "--served-model-name",
+        name,
+        "--dtype",
+        "float32",
+        "--packing",
+        packing,
+    )
     worker = start_worker(module_redis.url, tmp_path, *args, model=name)
     try:
         with Client(module_redis.url, model=name) as client:
             got = client.embed(TEXTS, normalize=False)  # one job: the worker pads these together
     finally:
         worker.stop()
+    assert f"{'packed' if packing == 'on' else 'padded'} batches)" in worker.log()
     diff = float(np.abs(got - expected).max())
     cos = np.sum(got * expected, axis=1) / (np.linalg.norm(got, axis=1) * np.linalg.norm(expected, axis=1))
-    print(f"{family}: max abs diff {diff:.2e}, min cosine {cos.min():.6f}")
+    print(f"{family} ({packing}): max abs diff {diff:.2e}, min cosine {cos.min():.6f}")
     assert cos.min() >= 0.9999, (family, cos)
     assert diff < 1e-4, (family, diff)
 

@@ -56,7 +56,7 @@ def test_linear_flops_match_forward_hooks(name: str, tmp_path: Path) -> None:
         getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads,
     )
     attention = cfg.num_hidden_layers * 4 * rows * length * length * heads * head_dim
-    assert bench.flops_per_batch(model, rows, length) == seen + attention
+    assert bench.flops_per_batch(model, [length] * rows) == seen + attention
 
 
 def test_script_runs_tiny_models_on_cpu(tmp_path: Path) -> None:
@@ -74,6 +74,8 @@ def test_script_runs_tiny_models_on_cpu(tmp_path: Path) -> None:
             "128",
             "--batches",
             "2",
+            "--packings",
+            "on,off",
             "--json-out",
             str(out),
         ],
@@ -84,19 +86,34 @@ def test_script_runs_tiny_models_on_cpu(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(out.read_text())
     results = report["results"]
-    # 3 models × 2 lengths × (embedq, ST fp32, ST bf16)
-    assert len(results) == 18
+    # 3 models × 2 lengths × 2 workloads × (embedq packed and padded, ST fp32 and bf16)
+    assert len(results) == 48
     runners = {r["runner"] for r in results}
     st = {"sentence-transformers float32", "sentence-transformers bfloat16"}
-    assert st < runners and len(runners - st) == 1  # embedq at the dtype auto picked here
+    assert st < runners and len(runners - st) == 2, runners  # at the dtype auto picked here
+    assert any(r.startswith("embedq packed") for r in runners)
+    assert any(r.startswith("embedq padded") for r in runners)
     for r in results:
         assert r["sequences_per_s"] > 0 and 0 < r["mfu"] < 1.5
         # Same weights, same ids: every runner computes the same model.
         assert r["min_cosine_to_st_fp32"] > 0.999, r
-    assert {(r["model"], r["length"], r["batch"]) for r in results} >= {
-        ("bert-base", 16, 8),
-        ("qwen3-0.6b", 32, 4),
+    assert {(r["model"], r["length"], r["workload"], r["batch"]) for r in results} >= {
+        ("bert-base", 16, "fixed", 8),
+        ("qwen3-0.6b", 32, "mixed", 4),
     }
+
+
+def test_mixed_rows_and_their_flops(tmp_path: Path) -> None:
+    """Mixed rows span length/8..length; FLOPs count each row's own length."""
+    bench = _load_script()
+    lengths = bench.row_lengths("mixed", 512, 64)
+    assert len(lengths) == 64 and min(lengths) >= 64 and max(lengths) <= 512 and len(set(lengths)) > 10
+    assert bench.row_lengths("fixed", 128, 3) == [128, 128, 128]
+    folder = bench.build_folder(tmp_path / "bert", "bert-base", tiny=True, max_length=32)
+    model = transformers.AutoModel.from_pretrained(folder)
+    assert bench.flops_per_batch(model, [10, 30]) == bench.flops_per_batch(
+        model, [10]
+    ) + bench.flops_per_batch(model, [30])
 
 
 def test_script_without_cuda_says_so() -> None:

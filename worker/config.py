@@ -23,6 +23,7 @@ from embedq.worker.model_files import POOLINGS, Pooling
 BackendName = Literal["torch", "fake"]
 DTypeName = Literal["auto", "float32", "bfloat16", "float16"]
 QuantizeName = Literal["int8"]
+PackingName = Literal["auto", "on", "off"]
 
 
 # On CPU small batches are faster (cache locality) and pad less; a GPU wants wide ones.
@@ -70,6 +71,8 @@ class WorkerConfig:
     compile: bool = False
     # CPU bf16: passes under a FLOP budget run on one thread (worker/threads.py).
     single_thread_small_passes: bool = True
+    # Padding-free batches (worker/backends/packed.py): auto = on a GPU in bf16/fp16.
+    packing: PackingName = "auto"
     max_batch_tokens: int = 16384
     max_batch_requests: int = 16
     max_job_inputs: int = 4096
@@ -191,6 +194,14 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
         help="CPU bf16: run small passes (a query) on one thread; on a VM, other vCPUs woken "
         "after an idle spell made them 2-3x slower (default true)",
     )
+    a(
+        "--packing",
+        choices=["auto", "on", "off"],
+        default=_env("embedq_packing", "auto"),
+        help="padding-free batches for embedding models (BERT, RoBERTa, XLM-R, DistilBERT, "
+        "ModernBERT, Qwen2/3): auto = on a GPU in bf16/fp16 (flash varlen attention); "
+        "on a CPU, attention then runs per sequence, a reference path (default auto)",
+    )
     a("--max-batch-tokens", type=int, default=int(_env("max_batch_tokens", "16384") or 16384))
     a(
         "--max-batch-requests",
@@ -280,6 +291,7 @@ def config_from_args(ns: argparse.Namespace) -> WorkerConfig:
         quantize=ns.quantize,
         compile=ns.compile,
         single_thread_small_passes=ns.single_thread_small_passes,
+        packing=ns.packing,
         max_batch_tokens=ns.max_batch_tokens,
         max_batch_requests=int(ns.max_batch_requests or default_batch_requests(ns.device)),
         max_job_inputs=ns.max_job_inputs,

@@ -593,15 +593,12 @@ class Worker:
             failures = await loop.run_in_executor(self._infer_pool, self._infer, seqs)
         finally:
             self._batch_started = None
-        if self._tracer is not None:
-            self._trace_batch(seqs, wall_start, time.time_ns())
+        wall_end = time.time_ns()
         elapsed_ms = (time.perf_counter() - start) * 1000
         real = sum(len(s.ids) for s in seqs)
-        width = max(len(s.ids) for s in seqs)
-        desc = self.backend.description
-        if desc.length_step:  # the backend pads to a length bucket: those tokens are computed too
-            width = bucket_length(width, desc.max_input_length, desc.length_step)
-        padded = width * len(seqs)
+        padded = real if self.backend.description.packed else self._computed_tokens(seqs)
+        if self._tracer is not None:
+            self._trace_batch(seqs, wall_start, wall_end, padded)
         self.batches_run += 1
         self.real_tokens += real
         self.padded_tokens += padded
@@ -635,6 +632,14 @@ class Worker:
             if job.remaining == 0 or job.error is not None:
                 await self._finish(job)
 
+    def _computed_tokens(self, seqs: list[_Seq]) -> int:
+        """Tokens a padded pass computes: every row as wide as the longest (or its bucket)."""
+        width = max(len(s.ids) for s in seqs)
+        desc = self.backend.description
+        if desc.length_step:  # the backend pads to a length bucket: those tokens are computed too
+            width = bucket_length(width, desc.max_input_length, desc.length_step)
+        return width * len(seqs)
+
     async def _mark_suspects(self, seqs: list[_Seq]) -> None:
         deliveries = {id(s.job): s.job.delivery for s in seqs}.values()
         backoff = 0.05
@@ -648,14 +653,14 @@ class Worker:
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 2.0)
 
-    def _trace_batch(self, seqs: list[_Seq], start_ns: int, end_ns: int) -> None:
+    def _trace_batch(self, seqs: list[_Seq], start_ns: int, end_ns: int, padded: int) -> None:
         """One span per batch, linked to every job it served; an inference span per job."""
         jobs = {id(s.job): s.job for s in seqs}.values()
         links = [tracing.link_to(j.span) for j in jobs if j.span is not None]
         attrs = {
             "embedq.batch_size": len(seqs),
             "embedq.tokens": sum(len(s.ids) for s in seqs),
-            "embedq.padded_tokens": max(len(s.ids) for s in seqs) * len(seqs),
+            "embedq.padded_tokens": padded,
             "embedq.worker": self.name,
         }
         batch = self._tracer.start_span("embedq.batch", start_time=start_ns, links=links, attributes=attrs)

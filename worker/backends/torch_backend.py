@@ -4,6 +4,12 @@ Runs the encoder with SDPA attention on right-padded batches (the batcher keeps
 lengths in a batch close), pools in float32, and leaves normalisation and
 Matryoshka cuts to the worker's post-processing.
 
+On a GPU in bf16/fp16, embedding models of the families in
+worker/backends/packed.py run padding-free instead (``--packing auto``): the batch's
+sequences end to end in one row, attention by a variable-length flash kernel, and the
+token budget counts real tokens. A check at start compares the packed and padded
+paths and keeps the padded one if they disagree.
+
 On a CPU in bfloat16, and with ``--compile``, batch widths are padded up to length
 buckets (worker/buckets.py) so that oneDNN and the compiled code meet few shapes.
 
@@ -14,6 +20,7 @@ effects are in docs/benchmarks.md, sections 5 and 6.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import time
 from collections.abc import Iterator, Sequence
@@ -23,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from embedq.worker.backends import packed as packing
 from embedq.worker.backends.base import ModelDescription
 from embedq.worker.backends.cpu_fusion import fuse_model, fusion_available
 from embedq.worker.backends.int8 import quantize_int8
@@ -136,6 +144,9 @@ def _load_dense(layers: Sequence[DenseLayer], width: int, device: torch.device) 
     return torch.nn.Sequential(*stack).eval().to(device)
 
 
+# The start check of packed batches runs sequences up to this long (padded too, so a
+# model's full context would make it slow on a CPU).
+PACKING_CHECK_MAX_TOKENS = 512
 # Warm-up prepares the length buckets up to this many tokens (longer ones lazily).
 WARMUP_MAX_TOKENS = 512
 # Eager warm-up also prepares batch-1 shapes up to this length: queries are short.
@@ -191,9 +202,21 @@ class TorchBackend:
         )
         if layout.llm_reranker:
             auto = AutoModelForCausalLM
+        self._packed = packing.choose(
+            config.packing,
+            device=self.device,
+            dtype=dtype,
+            task=layout.task,
+            family=str(hf_config.model_type),
+            compiled=config.compile,
+        )
+        attention = "sdpa"
+        if self._packed:
+            packing.register()  # serves padded calls too (SDPA), for the check below
+            attention = packing.ATTENTION
         try:
             self.model = auto.from_pretrained(
-                path, dtype=dtype, attn_implementation="sdpa", use_safetensors=True
+                path, dtype=dtype, attn_implementation=attention, use_safetensors=True
             )
         except (ValueError, ImportError) as exc:
             # Some architectures have no SDPA path; the eager one is correct, only slower.
@@ -213,7 +236,13 @@ class TorchBackend:
         rule_on = rule_on and not config.quantize and not config.compile
         flops = linear_flops_per_token(self.model) if rule_on else 0.0
         self._thread_policy = PassThreads(threads, single_thread_tokens(self.dtype_name, flops, threads))
-        self._length_step = length_step(self.device.type, self.dtype_name, config.quantize, config.compile)
+        # Packed batches have no padding to bucket (and packing is never chosen where
+        # buckets would be: auto packs on CUDA only, which has none).
+        self._length_step = (
+            0
+            if self._packed
+            else length_step(self.device.type, self.dtype_name, config.quantize, config.compile)
+        )
         # Kernels warm-up runs at each bucket: (kind, in, out, bias) → module; see _prime_kernels.
         self._kernels: dict[tuple[str, int, int, bool], torch.nn.Module] = {}
         if self._length_step == EAGER_MIN_STEP and fusion_available():  # eager bf16 on a CPU
@@ -251,6 +280,12 @@ class TorchBackend:
             width = layout.dense[-1].out_features
         # Token type ids matter for BERT-style pair inputs; models without them ignore none.
         self._uses_types = int(getattr(hf_config, "type_vocab_size", 0) or 0) > 1
+        self._max_input_length = layout.max_input_length
+        self._position_offset = packing.position_offset(hf_config)
+        # A packed row is longer than the models' buffered token types: pass zeros.
+        self._packed_types = "token_type_ids" in inspect.signature(self.model.forward).parameters
+        if self._packed:
+            self._packed = self._check_packing(config.packing == "on")
         self.description = ModelDescription(
             model_id=config.model_id,
             model_type=layout.task,
@@ -262,18 +297,20 @@ class TorchBackend:
             # The info hash and the cache key carry this: int8 vectors differ from float32 ones.
             dtype="int8" if config.quantize else self.dtype_name,
             device=str(self.device),
+            packed=self._packed,
             length_step=self._length_step,
             prompts=layout.prompts,
             default_prompt_name=layout.default_prompt_name,
         )
         log.info(
-            "loaded %s (%s %s, dim %d, max %d tokens, %s pooling) on %s with %d threads",
+            "loaded %s (%s %s, dim %d, max %d tokens, %s pooling, %s batches) on %s with %d threads",
             path,
             layout.task,
             self.dtype_name,
             width,
             layout.max_input_length,
             layout.pooling or "no",
+            "packed" if self._packed else "padded",
             self.device,
             torch.get_num_threads(),
         )
@@ -307,20 +344,69 @@ class TorchBackend:
         return [t.to(self.device, non_blocking=pin) for t in tensors]
 
     @contextmanager
-    def _forward_pass(self, ids: torch.Tensor) -> Iterator[None]:
-        """inference_mode, on the thread count PassThreads gives this pass's size.
+    def _forward_pass(self, tokens: int) -> Iterator[None]:
+        """inference_mode, on the thread count PassThreads gives a pass of ``tokens``
+        (computed ones: padding included).
 
         torch's count changes only when the answer does, so a run of small passes never
         switches: a switch rebuilds thread pools (~80 µs measured for each on machine H)."""
-        threads = self._thread_policy.for_pass(ids.numel())
+        threads = self._thread_policy.for_pass(tokens)
         if threads != torch.get_num_threads():
             torch.set_num_threads(threads)
         with torch.inference_mode():
             yield
 
+    def _packed_hidden(self, batch: Sequence[Sequence[int]]) -> tuple[torch.Tensor, packing.PackedBatch]:
+        """[total, width] token states of a packed batch (call inside _forward_pass)."""
+        packed = packing.pack(batch, self._position_offset, self.device)
+        extra = {"token_type_ids": torch.zeros_like(packed.ids)} if self._packed_types else {}
+        out = self.model(
+            input_ids=packed.ids, position_ids=packed.positions, **extra, **packed.attention_kwargs
+        )
+        return out.last_hidden_state[0], packed
+
+    def _embed_packed(self, batch: Sequence[Sequence[int]]) -> np.ndarray:
+        with self._forward_pass(sum(len(s) for s in batch)):
+            hidden, packed = self._packed_hidden(batch)
+            pooled = packing.pool(hidden, packed, self.pooling)
+            if self.dense is not None:
+                pooled = self.dense(pooled)
+        return pooled.to("cpu").numpy()
+
+    def _check_packing(self, required: bool) -> bool:
+        """Whether packed and padded passes agree on a batch of mixed lengths; a packed
+        path that does not (an attention kernel this torch runs differently) is left
+        off, or refused with ``--packing on``."""
+        top = min(self._max_input_length, PACKING_CHECK_MAX_TOKENS)
+        lengths = [n for n in (1, 5, 37, 130, top) if n <= top]
+        rng = np.random.default_rng(0)
+        vocab = int(getattr(self.model.config, "vocab_size", 1000))
+        batch = [rng.integers(min(1000, vocab // 2), vocab, size=n).tolist() for n in lengths]
+        problem = ""
+        try:
+            packed, padded = self._embed_packed(batch), self._embed_padded(batch)
+            cos = _min_cosine(packed, padded)
+            floor = 0.999 if self.dtype_name == "float32" else 0.99
+            if not cos >= floor:
+                problem = f"min cosine {cos:.5f} to the padded path (needs {floor})"
+        except Exception as exc:  # any failure of the kernel means: do not use it
+            problem = f"{type(exc).__name__}: {exc}"
+        if not problem:
+            log.info("packed batches: checked against padded ones at lengths %s", lengths)
+            return True
+        if required:
+            raise ConfigError(f"--packing on: the packed path fails its check at start ({problem})")
+        log.warning("packed batches disagree with padded ones (%s); running padded", problem)
+        return False
+
     def embed(self, batch: Sequence[Sequence[int]]) -> np.ndarray:
+        if self._packed:
+            return self._embed_packed(batch)
+        return self._embed_padded(batch)
+
+    def _embed_padded(self, batch: Sequence[Sequence[int]]) -> np.ndarray:
         ids, mask, lengths = self._collate(batch)
-        with self._forward_pass(ids):
+        with self._forward_pass(ids.numel()):
             hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state
             pooled = _pool(hidden, mask, lengths, self.pooling)
             if self.dense is not None:
@@ -328,8 +414,13 @@ class TorchBackend:
         return pooled.to("cpu").numpy()
 
     def embed_all(self, batch: Sequence[Sequence[int]]) -> list[np.ndarray]:
+        if self._packed:
+            with self._forward_pass(sum(len(s) for s in batch)):
+                hidden, packed = self._packed_hidden(batch)
+                rows = packing.split(hidden.float().to("cpu"), packed)
+            return [r.numpy() for r in rows]
         ids, mask, _lengths = self._collate(batch)
-        with self._forward_pass(ids):
+        with self._forward_pass(ids.numel()):
             hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state.float().to("cpu")
         return [hidden[row, : len(seq)].numpy() for row, seq in enumerate(batch)]
 
@@ -338,7 +429,7 @@ class TorchBackend:
             return self._yes_no_logit(batch)
         ids, mask, _lengths, types = self._collate(batch, type_ids)
         extra = {"token_type_ids": types} if self._uses_types else {}
-        with self._forward_pass(ids):
+        with self._forward_pass(ids.numel()):
             logits = self.model(input_ids=ids, attention_mask=mask, **extra).logits
         # transformers models are untyped: the logits are Any to mypy.
         out: np.ndarray = logits.float().to("cpu").numpy()
@@ -350,7 +441,7 @@ class TorchBackend:
         assert self._yes_no is not None
         ids, mask, lengths = self._collate(batch)
         base = getattr(self.model, self.model.base_model_prefix)
-        with self._forward_pass(ids):
+        with self._forward_pass(ids.numel()):
             hidden = base(input_ids=ids, attention_mask=mask).last_hidden_state
             rows = torch.arange(hidden.shape[0], device=hidden.device)
             last = hidden[rows, lengths - 1]  # right padding: the last real token
@@ -361,7 +452,7 @@ class TorchBackend:
 
     def embed_sparse(self, batch: Sequence[Sequence[int]]) -> list[tuple[np.ndarray, np.ndarray]]:
         ids, mask, _lengths = self._collate(batch)
-        with self._forward_pass(ids):
+        with self._forward_pass(ids.numel()):
             logits = self.model(input_ids=ids, attention_mask=mask).logits
             weights = torch.log1p(torch.relu(logits.float())) * mask.unsqueeze(-1)
             pooled = weights.max(dim=1).values.to("cpu")
@@ -433,3 +524,9 @@ class TorchBackend:
             else:
                 self.predict(seqs, [[0] * length] * n)
         log.info("warm-up: %d shapes in %.1f s", len(shapes), time.perf_counter() - start)
+
+
+def _min_cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a64, b64 = a.astype(np.float64), b.astype(np.float64)
+    norms = np.linalg.norm(a64, axis=1) * np.linalg.norm(b64, axis=1)
+    return float(((a64 * b64).sum(axis=1) / np.maximum(norms, 1e-30)).min())
