@@ -256,7 +256,9 @@ def measure(
         label, run, model = embedq_runner(name, folder, args, packing, rows)
         flops = flops_per_batch(model, lengths)
         if any(label == seen for seen, _, _ in runs):
-            continue  # auto chose padded (no GPU): one padded runner is enough
+            # auto chose padded (no GPU, or the start check failed: the log says which)
+            print(f"  --packing {packing} ran padded here; measured once", flush=True)
+            continue
         seconds, out = time_runner(run, device, args.batches)
         runs.append((label, seconds, out))
         del run, model  # frees the device for the next runner
@@ -287,12 +289,13 @@ def measure(
     ]
 
 
-def print_table(results: list[Result], peak: float) -> None:
-    print(f"\nbf16 matmul peak: {peak:.1f} TFLOP/s")
-    print(
-        f"{'model':<12}{'rows':>6}{'batch':>6}  {'runner':<32}{'seq/s':>10}{'TFLOP/s':>9}{'MFU':>7}"
-        f"{'× ST fp32':>10}{'min cos':>10}"
-    )
+def print_table(results: list[Result], peak: float, header: bool = True) -> None:
+    if header:
+        print(f"\nbf16 matmul peak: {peak:.1f} TFLOP/s")
+        print(
+            f"{'model':<12}{'rows':>6}{'batch':>6}  {'runner':<32}{'seq/s':>10}{'TFLOP/s':>9}{'MFU':>7}"
+            f"{'× ST fp32':>10}{'min cos':>10}"
+        )
     for r in results:
         base = next(
             x
@@ -351,6 +354,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def write_report(
+    path: Path | None, device: str, peak: float, args: argparse.Namespace, results: list[Result]
+) -> None:
+    """The JSON report so far: rewritten after every measurement, so a run cut short by
+    its time limit (a lent GPU's minutes) still leaves what it measured."""
+    if path is None:
+        return
+    report = {
+        "device": device,
+        "peak_bf16_tflops": peak,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "args": vars(args),
+        "results": [asdict(r) for r in results],
+    }
+    path.write_text(json.dumps(report, indent=2, default=str) + "\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     device = torch.device(args.device)
@@ -368,16 +389,13 @@ def main(argv: list[str] | None = None) -> int:
                 for workload in args.workloads:
                     batch = max(1, args.tokens_per_batch // length)
                     print(f"{model}, {batch} rows of {length} tokens ({workload}) ...", flush=True)
-                    results += measure(model, folder, length, workload, args, peak)
+                    rows = measure(model, folder, length, workload, args, peak)
+                    print_table(rows, peak, header=not results)
+                    results += rows
+                    write_report(args.json_out, name, peak, args, results)
+    print("\nall results:")
     print_table(results, peak)
     if args.json_out is not None:
-        report = {
-            "device": name,
-            "peak_bf16_tflops": peak,
-            "args": vars(args),
-            "results": [asdict(r) for r in results],
-        }
-        args.json_out.write_text(json.dumps(report, indent=2, default=str) + "\n")
         print(f"\nwrote {args.json_out}")
     return 0
 

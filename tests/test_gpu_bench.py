@@ -103,17 +103,13 @@ def test_script_runs_tiny_models_on_cpu(tmp_path: Path) -> None:
     }
 
 
-def test_mixed_rows_and_their_flops(tmp_path: Path) -> None:
-    """Mixed rows span length/8..length; FLOPs count each row's own length."""
+def test_mixed_rows() -> None:
+    """Mixed rows span length/8..length, the same ones in every run."""
     bench = _load_script()
     lengths = bench.row_lengths("mixed", 512, 64)
     assert len(lengths) == 64 and min(lengths) >= 64 and max(lengths) <= 512 and len(set(lengths)) > 10
+    assert bench.row_lengths("mixed", 512, 64) == lengths
     assert bench.row_lengths("fixed", 128, 3) == [128, 128, 128]
-    folder = bench.build_folder(tmp_path / "bert", "bert-base", tiny=True, max_length=32)
-    model = transformers.AutoModel.from_pretrained(folder)
-    assert bench.flops_per_batch(model, [10, 30]) == bench.flops_per_batch(
-        model, [10]
-    ) + bench.flops_per_batch(model, [30])
 
 
 def test_script_without_cuda_says_so() -> None:

@@ -8,6 +8,7 @@ function's documented contract. Families through the whole queue: tests/test_fam
 
 from __future__ import annotations
 
+import inspect
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -78,14 +79,14 @@ def test_packed_positions_restart_per_sequence(family_folders: dict[str, Path]) 
     assert float(np.abs(alone - after).max()) < 1e-5
 
 
-def _local_modernbert(folder: Path, model_path: Path, every: int = 2) -> Path:
-    """A tiny ModernBERT whose layers alternate local (8-token window) and global attention."""
+def _local_modernbert(folder: Path, model_path: Path, window: int = 8) -> Path:
+    """A tiny ModernBERT whose layers alternate local (``window``-token) and global attention."""
     _build(folder, model_path, "modernbert")
     cfg = json.loads((folder / "config.json").read_text())
     layers = [
-        "full_attention" if i % every == 0 else "sliding_attention" for i in range(cfg["num_hidden_layers"])
+        "full_attention" if i % 2 == 0 else "sliding_attention" for i in range(cfg["num_hidden_layers"])
     ]
-    cfg.update(global_attn_every_n_layers=every, local_attention=8, layer_types=layers)
+    cfg.update(global_attn_every_n_layers=2, local_attention=window, layer_types=layers)
     (folder / "config.json").write_text(json.dumps(cfg))
     return folder
 
@@ -97,9 +98,10 @@ def test_modernbert_local_attention_window(model_path: Path, tmp_path: Path) -> 
     on, off = _backend(folder, "on"), _backend(folder, "off")
     batch = _batch((30, 5, 25))
     assert float(np.abs(on.embed(batch) - off.embed(batch)).max()) < 1e-5
-    # The window matters at these lengths: with every layer global the vectors differ.
-    global_only = _backend(_local_modernbert(tmp_path / "global", model_path, every=1), "off")
-    assert float(np.abs(global_only.embed(batch) - off.embed(batch)).max()) > 1e-3
+    # The window matters at these lengths: the same layers with a window wider than any
+    # sequence give other vectors.
+    wide = _backend(_local_modernbert(tmp_path / "wide", model_path, window=1000), "off")
+    assert float(np.abs(wide.embed(batch) - off.embed(batch)).max()) > 1e-3
 
 
 def test_real_model_packed(model_path: Path) -> None:
@@ -161,8 +163,9 @@ def test_check_at_start_catches_a_wrong_kernel(monkeypatch: pytest.MonkeyPatch, 
 # ---------------------------------------------------------------- the CUDA kernel's glue
 def _stand_in_varlen(dialect: str) -> Callable[..., torch.Tensor]:
     """varlen_attn's documented contract, on the CPU: [total, heads, dim] tensors,
-    cumulative lengths, full attention by default; ``window_size`` (torch ≥ 2.10) or
-    ``is_causal`` (torch 2.9) for causal attention; ``enable_gqa`` for shared K/V heads."""
+    cumulative lengths, full attention by default. The new dialect (torch 2.13) takes
+    ``scale``, ``window_size`` and ``enable_gqa``; the old one (torch 2.9) only
+    ``is_causal``, and scales by 1/sqrt(head_dim)."""
 
     def run(
         q: torch.Tensor,
@@ -172,20 +175,14 @@ def _stand_in_varlen(dialect: str) -> Callable[..., torch.Tensor]:
         cu_k: torch.Tensor,
         max_q: int,
         max_k: int,
-        *,
-        scale: float | None = None,
-        window_size: tuple[int, int] = (-1, -1),
-        is_causal: bool = False,
-        enable_gqa: bool = False,
+        scale: float | None,
+        window_size: tuple[int, int],
+        enable_gqa: bool,
     ) -> torch.Tensor:
         assert q.dim() == 3 and q.is_contiguous() and cu_q.dtype == torch.int32
         assert torch.equal(cu_q, cu_k) and max_q == max_k == int((cu_q[1:] - cu_q[:-1]).max())
         assert enable_gqa or k.shape[1] == q.shape[1], "shared K/V heads need enable_gqa"
-        if dialect == "old":
-            assert window_size == (-1, -1) and not enable_gqa
         left, right = window_size
-        if is_causal:
-            right = 0
         bounds = cu_q.tolist()
         out = []
         for a, b in zip(bounds[:-1], bounds[1:], strict=False):
@@ -197,12 +194,24 @@ def _stand_in_varlen(dialect: str) -> Callable[..., torch.Tensor]:
                 mask &= delta <= left
             if right >= 0:
                 mask &= -delta <= right
-            out.append(
-                F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scale, enable_gqa=enable_gqa)
-            )
-        return torch.cat([o.transpose(0, 1) for o in out])
+            o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scale, enable_gqa=enable_gqa)
+            out.append(o.transpose(0, 1))
+        return torch.cat(out)
 
-    return run
+    # The positional part (q, k, v, cu_seq_q, cu_seq_k, max_q, max_k) is the same in both;
+    # the keywords are what the backend reads off the signature.
+    def new(
+        *args: Any,
+        scale: float | None = None,
+        window_size: tuple[int, int] = (-1, -1),
+        enable_gqa: bool = False,
+    ) -> torch.Tensor:
+        return run(*args, scale, window_size, enable_gqa)
+
+    def old(*args: Any, is_causal: bool = False) -> torch.Tensor:
+        return run(*args, None, (-1, 0) if is_causal else (-1, -1), False)
+
+    return new if dialect == "new" else old
 
 
 @pytest.mark.parametrize("dialect", ["new", "old"])
@@ -223,8 +232,8 @@ def test_varlen_glue(
         folder = _local_modernbert(tmp_path / "local", model_path)
     off = _backend(folder, "off")
     on = _backend(folder, "on")
-    names = {"new": {"scale", "window_size", "enable_gqa"}, "old": {"scale", "is_causal"}}[dialect]
-    monkeypatch.setattr(packed, "_VARLEN", (_stand_in_varlen(dialect), frozenset(names)))
+    kernel = _stand_in_varlen(dialect)
+    monkeypatch.setattr(packed, "_VARLEN", (kernel, frozenset(inspect.signature(kernel).parameters)))
     monkeypatch.setattr(packed, "varlen_available", lambda device, dtype: True)
     batch = _batch((30, 1, 12))
     if family == "modernbert" and dialect == "old":

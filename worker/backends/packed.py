@@ -101,7 +101,10 @@ def pool(hidden: torch.Tensor, batch: PackedBatch, pooling: str | None) -> torch
     if pooling == "last-token":
         return hidden[batch.cu_seqlens[1:].long() - 1]
     # Mean (also for layouts that name no pooling, as the padded path does).
-    rows = torch.repeat_interleave(torch.arange(len(batch.lengths), device=hidden.device), batch.lengths)
+    # output_size: no device-to-host sync to learn the total.
+    rows = torch.repeat_interleave(
+        torch.arange(len(batch.lengths), device=hidden.device), batch.lengths, output_size=hidden.shape[0]
+    )
     sums = torch.zeros(len(batch.lengths), hidden.shape[1], device=hidden.device, dtype=hidden.dtype)
     sums.index_add_(0, rows, hidden)
     return sums / batch.lengths.unsqueeze(1).to(hidden.dtype)
@@ -184,7 +187,12 @@ def _varlen_attention(
     assert _VARLEN is not None
     varlen_attn, names = _VARLEN
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # [total, heads, dim]
-    options: dict[str, Any] = {"scale": scale}
+    options: dict[str, Any] = {}
+    if "scale" in names:
+        options["scale"] = scale
+    elif scale is not None and abs(scale - q.shape[-1] ** -0.5) > 1e-6 * scale:
+        # The first dialect (torch 2.9) always scales by 1/sqrt(head_dim).
+        raise NotImplementedError(f"this torch's varlen_attn takes no scale ({sorted(names)})")
     if k.shape[1] != q.shape[1]:
         if "enable_gqa" in names:
             options["enable_gqa"] = True
@@ -193,7 +201,9 @@ def _varlen_attention(
             k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
     if window is not None or causal:
         if "window_size" in names:
-            options["window_size"] = (window if window is not None else -1, 0 if causal else (window or -1))
+            # (left, right) tokens each query sees; -1 is unlimited.
+            left = window if window is not None else -1
+            options["window_size"] = (left, 0 if causal else left)
         elif window is None and "is_causal" in names:
             options["is_causal"] = True
         else:
@@ -224,10 +234,12 @@ def packed_attention(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
         return out
-    causal = bool(getattr(module, "is_causal", False))
+    # As transformers' SDPA path decides: the call's is_causal, else the module's.
+    is_causal = kwargs.get("is_causal")
+    causal = bool(getattr(module, "is_causal", False) if is_causal is None else is_causal)
     window = _window(kwargs)
     if varlen_available(query.device, query.dtype):
-        max_length = int(kwargs.get("max_length_q") or 0)
+        max_length = int(kwargs["max_length_q"])
         return _varlen_attention(
             query, key, value, cu_seqlens, max_length, causal=causal, scale=scaling, window=window
         ), None

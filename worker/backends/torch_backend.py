@@ -220,7 +220,12 @@ class TorchBackend:
             )
         except (ValueError, ImportError) as exc:
             # Some architectures have no SDPA path; the eager one is correct, only slower.
+            if config.packing == "on" and self._packed:
+                raise ConfigError(
+                    f"--packing on: the model cannot load with packed attention ({exc})"
+                ) from exc
             log.warning("SDPA attention unavailable (%s); using eager attention", exc)
+            self._packed = False  # eager attention would let packed sequences see each other
             self.model = auto.from_pretrained(path, dtype=dtype, use_safetensors=True)
         self.model.eval().to(self.device)
         self._pad_id = int(getattr(hf_config, "pad_token_id", None) or 0)
@@ -282,8 +287,11 @@ class TorchBackend:
         self._uses_types = int(getattr(hf_config, "type_vocab_size", 0) or 0) > 1
         self._max_input_length = layout.max_input_length
         self._position_offset = packing.position_offset(hf_config)
+        forward_args = inspect.signature(self.model.forward).parameters
         # A packed row is longer than the models' buffered token types: pass zeros.
-        self._packed_types = "token_type_ids" in inspect.signature(self.model.forward).parameters
+        self._packed_types = "token_type_ids" in forward_args
+        # Decoders (Qwen) would otherwise keep every layer's keys and values of the pass.
+        self._no_cache = {"use_cache": False} if "use_cache" in forward_args else {}
         if self._packed:
             self._packed = self._check_packing(config.packing == "on")
         self.description = ModelDescription(
@@ -361,7 +369,11 @@ class TorchBackend:
         packed = packing.pack(batch, self._position_offset, self.device)
         extra = {"token_type_ids": torch.zeros_like(packed.ids)} if self._packed_types else {}
         out = self.model(
-            input_ids=packed.ids, position_ids=packed.positions, **extra, **packed.attention_kwargs
+            input_ids=packed.ids,
+            position_ids=packed.positions,
+            **extra,
+            **self._no_cache,
+            **packed.attention_kwargs,
         )
         return out.last_hidden_state[0], packed
 
@@ -386,7 +398,8 @@ class TorchBackend:
         try:
             packed, padded = self._embed_packed(batch), self._embed_padded(batch)
             cos = _min_cosine(packed, padded)
-            floor = 0.999 if self.dtype_name == "float32" else 0.99
+            # bf16 paths agree to ~0.9999; a window off by one token moved vectors by more.
+            floor = 0.99999 if self.dtype_name == "float32" else 0.999
             if not cos >= floor:
                 problem = f"min cosine {cos:.5f} to the padded path (needs {floor})"
         except Exception as exc:  # any failure of the kernel means: do not use it
@@ -407,7 +420,7 @@ class TorchBackend:
     def _embed_padded(self, batch: Sequence[Sequence[int]]) -> np.ndarray:
         ids, mask, lengths = self._collate(batch)
         with self._forward_pass(ids.numel()):
-            hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state
+            hidden = self.model(input_ids=ids, attention_mask=mask, **self._no_cache).last_hidden_state
             pooled = _pool(hidden, mask, lengths, self.pooling)
             if self.dense is not None:
                 pooled = self.dense(pooled)
@@ -421,7 +434,8 @@ class TorchBackend:
             return [r.numpy() for r in rows]
         ids, mask, _lengths = self._collate(batch)
         with self._forward_pass(ids.numel()):
-            hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state.float().to("cpu")
+            hidden = self.model(input_ids=ids, attention_mask=mask, **self._no_cache).last_hidden_state
+            hidden = hidden.float().to("cpu")
         return [hidden[row, : len(seq)].numpy() for row, seq in enumerate(batch)]
 
     def predict(self, batch: Sequence[Sequence[int]], type_ids: Sequence[Sequence[int]]) -> np.ndarray:
@@ -430,7 +444,7 @@ class TorchBackend:
         ids, mask, _lengths, types = self._collate(batch, type_ids)
         extra = {"token_type_ids": types} if self._uses_types else {}
         with self._forward_pass(ids.numel()):
-            logits = self.model(input_ids=ids, attention_mask=mask, **extra).logits
+            logits = self.model(input_ids=ids, attention_mask=mask, **extra, **self._no_cache).logits
         # transformers models are untyped: the logits are Any to mypy.
         out: np.ndarray = logits.float().to("cpu").numpy()
         return out
@@ -453,7 +467,7 @@ class TorchBackend:
     def embed_sparse(self, batch: Sequence[Sequence[int]]) -> list[tuple[np.ndarray, np.ndarray]]:
         ids, mask, _lengths = self._collate(batch)
         with self._forward_pass(ids.numel()):
-            logits = self.model(input_ids=ids, attention_mask=mask).logits
+            logits = self.model(input_ids=ids, attention_mask=mask, **self._no_cache).logits
             weights = torch.log1p(torch.relu(logits.float())) * mask.unsqueeze(-1)
             pooled = weights.max(dim=1).values.to("cpu")
         out = []
