@@ -21,7 +21,7 @@ import torch.nn.functional as F
 import transformers
 
 from embedq.worker.backends import packed
-from embedq.worker.backends.torch_backend import TorchBackend
+from embedq.worker.backends.torch_backend import TorchBackend, cpu_has_amx
 from embedq.worker.config import ConfigError, WorkerConfig
 
 from .test_families import FAMILIES, _build
@@ -125,7 +125,14 @@ def test_choice() -> None:
     }
     assert packed.choose("on", **kw)
     assert not packed.choose("off", **kw)
-    assert not packed.choose("auto", **kw)  # CPU: padded length buckets by default
+    assert packed.choose("auto", **kw)
+    assert packed.choose("auto", **{**kw, "dtype": torch.float32})
+    # Where oneDNN builds a kernel per shape (bf16 on AMX), and with int8: padded buckets.
+    assert not packed.choose("auto", **kw, shape_kernels=True)
+    assert not packed.choose("auto", **kw, quantized=True)
+    assert packed.choose("on", **kw, shape_kernels=True)
+    # A GPU packs only where the flash kernel runs: half precision (never here, no CUDA).
+    assert not packed.choose("auto", **{**kw, "device": torch.device("cuda"), "dtype": torch.float32})
     for change, words in (
         ({"family": "mpnet"}, "model type 'mpnet'"),
         ({"task": "classifier"}, "only embedding models"),
@@ -139,9 +146,16 @@ def test_choice() -> None:
 def test_packing_on_refuses_what_it_cannot_pack(family_folders: dict[str, Path], model_path: Path) -> None:
     with pytest.raises(ConfigError, match="--compile"):
         _backend(model_path, "on", compile=True)
-    # auto on a CPU: the padded path, with its length buckets in bf16.
+    # auto on this CPU: packed, unless bf16 on AMX keeps the padded length buckets.
     auto = _backend(model_path, "auto", dtype="bfloat16")
-    assert not auto.description.packed and auto.description.length_step > 0
+    assert auto.description.packed is not cpu_has_amx()
+    assert (auto.description.length_step > 0) is cpu_has_amx()
+    assert _backend(
+        model_path, "auto", dtype="bfloat16", quantize=None, compile=False
+    ).description.packed == (auto.description.packed)
+    assert not _backend(model_path, "auto", dtype="float32", quantize="int8").description.packed
+    padded = _backend(model_path, "off", dtype="bfloat16")
+    assert not padded.description.packed and padded.description.length_step > 0
 
 
 def test_check_at_start_catches_a_wrong_kernel(monkeypatch: pytest.MonkeyPatch, model_path: Path) -> None:

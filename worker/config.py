@@ -71,7 +71,7 @@ class WorkerConfig:
     compile: bool = False
     # CPU bf16: passes under a FLOP budget run on one thread (worker/threads.py).
     single_thread_small_passes: bool = True
-    # Padding-free batches (worker/backends/packed.py): auto = on a GPU in bf16/fp16.
+    # Padding-free batches (worker/backends/packed.py); auto: see packed.choose.
     packing: PackingName = "auto"
     max_batch_tokens: int = 16384
     max_batch_requests: int = 16
@@ -199,8 +199,8 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
         choices=["auto", "on", "off"],
         default=_env("embedq_packing", "auto"),
         help="padding-free batches for embedding models (BERT, RoBERTa, XLM-R, DistilBERT, "
-        "ModernBERT, Qwen2/3): auto = on a GPU in bf16/fp16 (flash varlen attention); "
-        "on a CPU, attention then runs per sequence, a reference path (default auto)",
+        "ModernBERT, Qwen2/3): auto = on a GPU in bf16/fp16 (flash varlen attention) and on "
+        "a CPU, except bf16 on AMX and int8, which keep padded length buckets (default auto)",
     )
     a("--max-batch-tokens", type=int, default=int(_env("max_batch_tokens", "16384") or 16384))
     a(

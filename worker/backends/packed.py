@@ -268,9 +268,25 @@ def register() -> None:
 
 # ---------------------------------------------------------------- choice
 def choose(
-    mode: str, *, device: torch.device, dtype: torch.dtype, task: str, family: str, compiled: bool
+    mode: str,
+    *,
+    device: torch.device,
+    dtype: torch.dtype,
+    task: str,
+    family: str,
+    compiled: bool,
+    quantized: bool = False,
+    shape_kernels: bool = False,
 ) -> bool:
-    """Whether a backend packs its batches (``--packing``); ConfigError when ``on`` cannot."""
+    """Whether a backend packs its batches (``--packing``); ConfigError when ``on`` cannot.
+
+    ``auto`` packs on a GPU where the flash varlen kernel runs (half precision), and on
+    a CPU, except with int8 (not measured) and where the matmul library builds a kernel
+    for every new shape (``shape_kernels``: bf16 on an AMX Xeon, ~3.5 ms a kernel): a
+    packed row's length changes with every batch, which padded length buckets avoid.
+    On a Zen 5 CPU packing gained 9–28% at 1 × 16 and 0–6% in bulk, bf16 and float32
+    alike (docs/benchmarks.md §1, machine J).
+    """
     from embedq.worker.config import ConfigError
 
     if mode == "off":
@@ -286,4 +302,8 @@ def choose(
         if mode == "on":
             raise ConfigError("--packing on: " + "; ".join(reasons))
         return False
-    return mode == "on" or varlen_available(device, dtype)
+    if mode == "on":
+        return True
+    if device.type == "cuda":
+        return varlen_available(device, dtype)
+    return device.type == "cpu" and not quantized and not shape_kernels

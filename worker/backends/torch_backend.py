@@ -4,11 +4,12 @@ Runs the encoder with SDPA attention on right-padded batches (the batcher keeps
 lengths in a batch close), pools in float32, and leaves normalisation and
 Matryoshka cuts to the worker's post-processing.
 
-On a GPU in bf16/fp16, embedding models of the families in
-worker/backends/packed.py run padding-free instead (``--packing auto``): the batch's
-sequences end to end in one row, attention by a variable-length flash kernel, and the
-token budget counts real tokens. A check at start compares the packed and padded
-paths and keeps the padded one if they disagree.
+Embedding models of the families in worker/backends/packed.py run padding-free
+instead where ``--packing auto`` chooses it (a GPU in bf16/fp16; a CPU, except bf16 on
+AMX and int8): the batch's sequences end to end in one row, attention by a
+variable-length flash kernel on a GPU and per sequence on a CPU, and the token budget
+counts real tokens. A check at start compares the packed and padded paths and keeps
+the padded one if they disagree.
 
 On a CPU in bfloat16, and with ``--compile``, batch widths are padded up to length
 buckets (worker/buckets.py) so that oneDNN and the compiled code meet few shapes.
@@ -20,6 +21,7 @@ effects are in docs/benchmarks.md, sections 5 and 6.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 import time
@@ -54,17 +56,26 @@ _DEFAULT_THREADS = torch.get_num_threads()
 BF16_MIN_SPEEDUP = 1.5
 
 
-def cpu_has_bf16_flags() -> bool:
-    """True when the CPU has bf16 matmul instructions (AVX512-BF16 or AMX)."""
+@functools.cache
+def _cpu_flags() -> frozenset[str]:
     try:
         with open("/proc/cpuinfo", encoding="ascii", errors="ignore") as f:
             for line in f:
                 if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    return bool(flags & {"avx512_bf16", "amx_bf16"})
+                    return frozenset(line.split(":", 1)[1].split())
     except OSError:
         pass
-    return False
+    return frozenset()
+
+
+def cpu_has_bf16_flags() -> bool:
+    """True when the CPU has bf16 matmul instructions (AVX512-BF16 or AMX)."""
+    return bool(_cpu_flags() & {"avx512_bf16", "amx_bf16"})
+
+
+def cpu_has_amx() -> bool:
+    """True on a CPU with AMX tiles for bf16, where oneDNN builds a kernel per matmul shape."""
+    return "amx_bf16" in _cpu_flags()
 
 
 def bf16_matmul_speedup(size: int = 1024, repeats: int = 3) -> float:
@@ -209,6 +220,8 @@ class TorchBackend:
             task=layout.task,
             family=str(hf_config.model_type),
             compiled=config.compile,
+            quantized=config.quantize is not None,
+            shape_kernels=self.device.type == "cpu" and self.dtype_name == "bfloat16" and cpu_has_amx(),
         )
         attention = "sdpa"
         if self._packed:
@@ -241,16 +254,12 @@ class TorchBackend:
         rule_on = rule_on and not config.quantize and not config.compile
         flops = linear_flops_per_token(self.model) if rule_on else 0.0
         self._thread_policy = PassThreads(threads, single_thread_tokens(self.dtype_name, flops, threads))
-        # Packed batches have no padding to bucket (and packing is never chosen where
-        # buckets would be: auto packs on CUDA only, which has none).
-        self._length_step = (
-            0
-            if self._packed
-            else length_step(self.device.type, self.dtype_name, config.quantize, config.compile)
-        )
+        # Padded batches' buckets (the start check of packing runs padded ones too).
+        self._length_step = length_step(self.device.type, self.dtype_name, config.quantize, config.compile)
         # Kernels warm-up runs at each bucket: (kind, in, out, bias) → module; see _prime_kernels.
         self._kernels: dict[tuple[str, int, int, bool], torch.nn.Module] = {}
-        if self._length_step == EAGER_MIN_STEP and fusion_available():  # eager bf16 on a CPU
+        # oneDNN fusions serve eager bf16 on a CPU, padded to length buckets or packed.
+        if self._length_step == EAGER_MIN_STEP and fusion_available():
             fused = fuse_model(self.model)
             self._kernels = fused.kernels
             log.info(
@@ -294,6 +303,8 @@ class TorchBackend:
         self._no_cache = {"use_cache": False} if "use_cache" in forward_args else {}
         if self._packed:
             self._packed = self._check_packing(config.packing == "on")
+        if self._packed:
+            self._length_step = 0  # no padding, so no buckets
         self.description = ModelDescription(
             model_id=config.model_id,
             model_type=layout.task,
@@ -327,7 +338,7 @@ class TorchBackend:
         """The width a batch whose longest sequence has ``width`` tokens is run at."""
         if not self._length_step:
             return width
-        return bucket_length(width, self.description.max_input_length, self._length_step)
+        return bucket_length(width, self._max_input_length, self._length_step)
 
     def _collate(
         self, batch: Sequence[Sequence[int]], type_ids: Sequence[Sequence[int]] | None = None
