@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -150,9 +151,6 @@ def test_packing_on_refuses_what_it_cannot_pack(family_folders: dict[str, Path],
     auto = _backend(model_path, "auto", dtype="bfloat16")
     assert auto.description.packed is not cpu_has_amx()
     assert (auto.description.length_step > 0) is cpu_has_amx()
-    assert _backend(
-        model_path, "auto", dtype="bfloat16", quantize=None, compile=False
-    ).description.packed == (auto.description.packed)
     assert not _backend(model_path, "auto", dtype="float32", quantize="int8").description.packed
     padded = _backend(model_path, "off", dtype="bfloat16")
     assert not padded.description.packed and padded.description.length_step > 0
@@ -275,3 +273,16 @@ def test_tested_families_are_the_packed_list(family_folders: dict[str, Path]) ->
     list without a tiny model in tests/test_families.py fails this)."""
     tested = {transformers.AutoConfig.from_pretrained(f).model_type for f in family_folders.values()}
     assert tested == packed.PACKED_FAMILIES
+
+
+def test_packed_warmup_primes_the_one_thread_counts(
+    model_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Small packed passes run on one thread at their exact token count: warm-up builds
+    each matmul kernel at every count up to the one-thread budget."""
+    backend = _backend(model_path, "on", dtype="bfloat16", threads=2)
+    limit = backend._thread_policy.single_thread_tokens
+    assert 128 <= limit < 160 and len(backend._kernels) == 4
+    with caplog.at_level(logging.INFO, logger="embedq.worker.backends.torch_backend"):
+        backend.warmup()
+    assert f"warm-up: {4 * limit} matmul kernels" in caplog.text

@@ -193,20 +193,24 @@ async def test_prompts(
         w.stop()
 
 
+@pytest.mark.parametrize("packing", ["on", "off"])
 async def test_bf16_within_cosine_0999(
-    module_redis: RedisServer, tmp_path: Path, st_model: SentenceTransformer
+    packing: str, module_redis: RedisServer, tmp_path: Path, st_model: SentenceTransformer
 ) -> None:
+    name = f"minilm-bf16-{packing}"
     w = start_worker(
         module_redis.url,
         tmp_path,
         "--dtype",
         "bfloat16",
+        "--packing",
+        packing,
         "--served-model-name",
-        "minilm-bf16",
-        model="minilm-bf16",
+        name,
+        model=name,
     )
     try:
-        async with AsyncClient(module_redis.url, model="minilm-bf16", timeout=120) as c:
+        async with AsyncClient(module_redis.url, model=name, timeout=120) as c:
             got = await c.embed(TEXTS + [LONG])
         want = st_model.encode(TEXTS + [LONG])
         assert cosine_rows(got, want).min() >= 0.999

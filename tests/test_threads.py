@@ -41,7 +41,10 @@ def test_token_limit_follows_the_model_the_dtype_and_the_thread_count() -> None:
 # ---------------------------------------------------------------- in the backend
 
 
-def test_backend_runs_small_passes_on_one_thread_and_their_vectors_do_not_depend_on_timing() -> None:
+@pytest.mark.parametrize("packing", ["on", "off"])
+def test_backend_runs_small_passes_on_one_thread_and_their_vectors_do_not_depend_on_timing(
+    packing: str,
+) -> None:
     from embedq.worker.backends import torch_backend
     from embedq.worker.backends.torch_backend import TorchBackend, linear_flops_per_token
     from embedq.worker.config import WorkerConfig, resolve_model
@@ -51,7 +54,8 @@ def test_backend_runs_small_passes_on_one_thread_and_their_vectors_do_not_depend
     assert _backend(dtype="float32")._thread_policy.single_thread_tokens == 0  # bf16 only
     off = _backend(dtype="bfloat16", single_thread_small_passes=False)
     assert off._thread_policy.single_thread_tokens == 0
-    backend: TorchBackend = _backend(dtype="bfloat16")  # on by default
+    backend: TorchBackend = _backend(dtype="bfloat16", packing=packing)  # on by default
+    assert backend.description.packed is (packing == "on")
     threads = backend._thread_policy.threads  # 2: _backend sets it, whatever the cores
     assert linear_flops_per_token(backend.model) == pytest.approx(MINILM_FLOPS, rel=0.01)
     seen: list[int] = []

@@ -132,8 +132,15 @@ async def test_the_model_is_loaded_warmed_and_run_on_one_thread(
     assert threads["load"] != {threading.get_ident()}  # not the event loop's thread
 
 
-async def test_padding_efficiency_counts_the_length_bucket(tmp_path: Path) -> None:
-    """A backend that pads to length buckets computes those tokens: the metric says so."""
+@pytest.mark.parametrize(
+    ("layout", "computed"),
+    [({"length_step": 8}, 8 * 2), ({"packed": True}, 5 + 4), ({}, 5 * 2)],
+)
+async def test_padding_efficiency_counts_computed_tokens(
+    layout: dict[str, object], computed: int, tmp_path: Path
+) -> None:
+    """Computed tokens: the length bucket of a backend that pads to buckets, the longest
+    row's width of a plain padded one, and the real tokens of a packed one."""
     from dataclasses import replace
 
     from embedq import AsyncClient
@@ -141,17 +148,19 @@ async def test_padding_efficiency_counts_the_length_bucket(tmp_path: Path) -> No
     with RedisServer(tmp_path / "redis") as server:
         config = _config(server.url)
         backend = FakeBackend(config)
-        backend.description = replace(backend.description, length_step=8)
+        backend.description = replace(backend.description, **layout)  # type: ignore[arg-type]
         worker = Worker(config, backend)
         task = asyncio.create_task(worker.run())
         async with AsyncClient(server.url, model=config.served_model_name, timeout=20) as client:
             for _ in range(100):  # until the worker has registered
                 try:
-                    await client.embed(["one two three"])  # [CLS] 3 words [SEP]: 5 tokens
+                    # One job, one pass: [CLS] 3 words [SEP] (5 tokens) and 2 words (4).
+                    await client.embed(["one two three", "four five"])
                     break
                 except ModelNotServedError:
                     await asyncio.sleep(0.1)
         worker.stop()
         await asyncio.wait_for(task, timeout=10)
         await worker.redis.aclose()
-    assert (worker.real_tokens, worker.padded_tokens) == (5, 8)
+    assert worker.batches_run == 1
+    assert (worker.real_tokens, worker.padded_tokens) == (9, computed)

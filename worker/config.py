@@ -26,7 +26,7 @@ QuantizeName = Literal["int8"]
 PackingName = Literal["auto", "on", "off"]
 
 
-# On CPU small batches are faster (cache locality) and pad less; a GPU wants wide ones.
+# On CPU small batches are faster (cache locality) and, padded, pad less; a GPU wants wide ones.
 CPU_BATCH_REQUESTS = 16
 GPU_BATCH_REQUESTS = 512
 
@@ -198,8 +198,8 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
         "--packing",
         choices=["auto", "on", "off"],
         default=_env("embedq_packing", "auto"),
-        help="padding-free batches for embedding models (BERT, RoBERTa, XLM-R, DistilBERT, "
-        "ModernBERT, Qwen2/3): auto = on a GPU in bf16/fp16 (flash varlen attention) and on "
+        help="padding-free batches for embedding models (BERT, RoBERTa, XLM-R, CamemBERT, "
+        "DistilBERT, ModernBERT, Qwen2/3): auto = on a GPU in bf16/fp16 (flash varlen attention) and on "
         "a CPU, except bf16 on AMX and int8, which keep padded length buckets (default auto)",
     )
     a("--max-batch-tokens", type=int, default=int(_env("max_batch_tokens", "16384") or 16384))

@@ -8,8 +8,9 @@ uses, passed through the model's ``**kwargs``) and attends within each sequence:
 
 - on CUDA with bf16/fp16, one ``torch.nn.attention.varlen.varlen_attn`` call (flash
   attention over variable-length sequences);
-- elsewhere, scaled dot-product attention per sequence: the reference the CUDA kernel is
-  checked against at start, and what the CPU tests run.
+- elsewhere (a CPU), scaled dot-product attention per sequence.
+
+Either is checked against padded batches at start (TorchBackend._check_packing).
 
 Calls without ``cu_seq_lens_q`` (a padded batch) go to transformers' SDPA path with its
 usual mask, so one loaded model serves both layouts.
@@ -100,14 +101,16 @@ def pool(hidden: torch.Tensor, batch: PackedBatch, pooling: str | None) -> torch
         return hidden[batch.cu_seqlens[:-1].long()]
     if pooling == "last-token":
         return hidden[batch.cu_seqlens[1:].long() - 1]
-    # Mean (also for layouts that name no pooling, as the padded path does).
+    # Mean (also for layouts that name no pooling, as the padded path does). The rows
+    # go back into a zero-padded grid and are summed there, in the padded path's order:
+    # index_add_ would be quicker but adds in a different order on a GPU each time.
+    n, total = len(batch.lengths), hidden.shape[0]
     # output_size: no device-to-host sync to learn the total.
-    rows = torch.repeat_interleave(
-        torch.arange(len(batch.lengths), device=hidden.device), batch.lengths, output_size=hidden.shape[0]
-    )
-    sums = torch.zeros(len(batch.lengths), hidden.shape[1], device=hidden.device, dtype=hidden.dtype)
-    sums.index_add_(0, rows, hidden)
-    return sums / batch.lengths.unsqueeze(1).to(hidden.dtype)
+    rows = torch.repeat_interleave(torch.arange(n, device=hidden.device), batch.lengths, output_size=total)
+    cols = torch.arange(total, device=hidden.device) - batch.cu_seqlens[:-1].long()[rows]
+    grid = hidden.new_zeros(n, batch.max_length, hidden.shape[1])
+    grid[rows, cols] = hidden
+    return grid.sum(dim=1) / batch.lengths.unsqueeze(1).to(hidden.dtype)
 
 
 def split(hidden: torch.Tensor, batch: PackedBatch) -> list[torch.Tensor]:

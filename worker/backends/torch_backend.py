@@ -1,18 +1,17 @@
 """The torch + transformers backend: a local model folder, loaded with safetensors.
 
-Runs the encoder with SDPA attention on right-padded batches (the batcher keeps
-lengths in a batch close), pools in float32, and leaves normalisation and
+Embedding models of the families in worker/backends/packed.py run padding-free where
+``--packing auto`` chooses it (a GPU in bf16/fp16; a CPU, except bf16 on AMX and
+int8): the batch's sequences end to end in one row, attention by a variable-length
+flash kernel on a GPU and per sequence on a CPU, and the token budget counts real
+tokens. A check at start compares the packed and padded paths and keeps the padded one
+if they disagree.
+
+Everything else runs with SDPA attention on right-padded batches (the batcher keeps
+lengths in a batch close). Padded batches on a CPU in bfloat16, and with
+``--compile``, are padded up to length buckets (worker/buckets.py) so that oneDNN and
+the compiled code meet few shapes. Both pool in float32 and leave normalisation and
 Matryoshka cuts to the worker's post-processing.
-
-Embedding models of the families in worker/backends/packed.py run padding-free
-instead where ``--packing auto`` chooses it (a GPU in bf16/fp16; a CPU, except bf16 on
-AMX and int8): the batch's sequences end to end in one row, attention by a
-variable-length flash kernel on a GPU and per sequence on a CPU, and the token budget
-counts real tokens. A check at start compares the packed and padded paths and keeps
-the padded one if they disagree.
-
-On a CPU in bfloat16, and with ``--compile``, batch widths are padded up to length
-buckets (worker/buckets.py) so that oneDNN and the compiled code meet few shapes.
 
 Options, all off by default: ``--quantize int8`` (CPU, float32 base: Linear layers run
 as int8 × int8 → int32 matmuls) and ``--compile`` (torch.compile). Their measured
@@ -161,6 +160,8 @@ PACKING_CHECK_MAX_TOKENS = 512
 # Warm-up prepares the length buckets up to this many tokens (longer ones lazily).
 WARMUP_MAX_TOKENS = 512
 # Eager warm-up also prepares batch-1 shapes up to this length: queries are short.
+# Packed: one-thread token counts up to this many (a small model's budget is larger).
+PACKED_WARMUP_MAX_TOKENS = 256
 WARMUP_SINGLE_MAX_TOKENS = 128
 
 
@@ -515,6 +516,9 @@ class TorchBackend:
         WARMUP_MAX_TOKENS at a full batch, and up to WARMUP_SINGLE_MAX_TOKENS at batch 1,
         which builds the oneDNN kernels a forward pass at those shapes will look up; and
         at batch 1 on one thread up to the one-thread budget (worker/threads.py).
+        Packed on a CPU in bf16: each matmul kernel at every token count up to the
+        one-thread budget (at most PACKED_WARMUP_MAX_TOKENS), on one thread, since a small packed pass runs at its exact
+        count there (a first pass at a new count cost ~3 ms more on machine J).
         With --compile: every length bucket, at batch 1 and at a full batch (torch.compile
         builds a separate graph for size 1), so compiling happens here, not on a request.
         """
@@ -539,6 +543,15 @@ class TorchBackend:
                     primed += self._prime_kernels([(1, length) for length in buckets if length <= limit])
                 finally:
                     torch.set_num_threads(self._thread_policy.threads)
+            log.info("warm-up: %d matmul kernels in %.1f s", primed, time.perf_counter() - start)
+        elif self._packed and self._kernels and self._thread_policy.single_thread_tokens:
+            torch.set_num_threads(1)
+            try:
+                top = min(self._thread_policy.single_thread_tokens, PACKED_WARMUP_MAX_TOKENS)
+                counts = range(1, top + 1)
+                primed = self._prime_kernels([(1, n) for n in counts])
+            finally:
+                torch.set_num_threads(self._thread_policy.threads)
             log.info("warm-up: %d matmul kernels in %.1f s", primed, time.perf_counter() - start)
         for n, length in shapes:
             seqs = [[self._pad_id + 1] * length] * n
