@@ -22,7 +22,9 @@ are), each with these runners:
    batch's longest row as ``encode`` pads.
 
 Each runner: two untimed batches, then ``--batches`` timed ones. MFU = model FLOPs ÷ time
-÷ the device's measured bf16 matmul peak (best of square matmuls). FLOPs count real
+÷ the device's measured matmul peak in the runner's dtype (best of square matmuls; a
+float32 run against the float32 peak, since on a CPU without native bf16 a float32 run
+outruns the bf16 peak). FLOPs count real
 tokens only (padding is waste, not work): 2 · (weights of the Linear layers) per token +
 attention's QKᵀ and AV (4 · len² · heads · head_dim per sequence and layer); embeddings,
 norms, activations and pooling are not counted.
@@ -165,12 +167,18 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def matmul_peak_tflops(device: torch.device, sizes: Sequence[int], repeats: int = 10) -> float:
-    """Best bf16 TFLOP/s of square matmuls on ``device``."""
+# The dtypes whose matmul peak is measured, by the name a runner's label ends with.
+PEAK_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def matmul_peak_tflops(
+    device: torch.device, sizes: Sequence[int], dtype: torch.dtype = torch.bfloat16, repeats: int = 10
+) -> float:
+    """Best TFLOP/s of square ``dtype`` matmuls on ``device``."""
     best = 0.0
     for n in sizes:
-        a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-        b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+        a = torch.randn(n, n, device=device, dtype=dtype)
+        b = torch.randn(n, n, device=device, dtype=dtype)
         torch.matmul(a, b)
         sync(device)
         for _ in range(repeats):
@@ -243,7 +251,7 @@ def embedq_runner(
 
 
 def measure(
-    name: str, folder: Path, length: int, workload: str, args: argparse.Namespace, peak: float
+    name: str, folder: Path, length: int, workload: str, args: argparse.Namespace, peaks: dict[str, float]
 ) -> list[Result]:
     device = torch.device(args.device)
     batch = max(1, args.tokens_per_batch // length)
@@ -282,16 +290,16 @@ def measure(
             sequences_per_s=batch / seconds,
             tokens_per_s=sum(lengths) / seconds,
             tflops=flops / seconds / 1e12,
-            mfu=flops / seconds / 1e12 / peak,
+            mfu=flops / seconds / 1e12 / peaks[runner.rsplit(" ", 1)[1]],
             min_cosine_to_st_fp32=cosine_min(out, st_fp32),
         )
         for runner, seconds, out in runs
     ]
 
 
-def print_table(results: list[Result], peak: float, header: bool = True) -> None:
+def print_table(results: list[Result], peaks: dict[str, float], header: bool = True) -> None:
     if header:
-        print(f"\nbf16 matmul peak: {peak:.1f} TFLOP/s")
+        print("\nmatmul peaks (TFLOP/s): " + ", ".join(f"{dt} {tf:.1f}" for dt, tf in peaks.items()))
         print(
             f"{'model':<12}{'rows':>6}{'batch':>6}  {'runner':<32}{'seq/s':>10}{'TFLOP/s':>9}{'MFU':>7}"
             f"{'× ST fp32':>10}{'min cos':>10}"
@@ -355,7 +363,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def write_report(
-    path: Path | None, device: str, peak: float, args: argparse.Namespace, results: list[Result]
+    path: Path | None, device: str, peaks: dict[str, float], args: argparse.Namespace, results: list[Result]
 ) -> None:
     """The JSON report so far: rewritten after every measurement, so a run cut short by
     its time limit (a lent GPU's minutes) still leaves what it measured."""
@@ -363,7 +371,7 @@ def write_report(
         return
     report = {
         "device": device,
-        "peak_bf16_tflops": peak,
+        "peak_tflops": peaks,
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "args": vars(args),
@@ -379,7 +387,8 @@ def main(argv: list[str] | None = None) -> int:
         print("no CUDA device: nothing measured (use --device cpu --tiny to check the script)")
         return 2
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    peak = matmul_peak_tflops(device, (512,) if args.tiny else (4096, 8192))
+    sizes = (512,) if args.tiny else (4096, 8192)
+    peaks = {name: matmul_peak_tflops(device, sizes, dtype) for name, dtype in PEAK_DTYPES.items()}
     print(f"device: {name}, torch {torch.__version__}, transformers {transformers.__version__}", flush=True)
     results: list[Result] = []
     with tempfile.TemporaryDirectory(prefix="embedq-gpu-") as tmp:
@@ -389,12 +398,12 @@ def main(argv: list[str] | None = None) -> int:
                 for workload in args.workloads:
                     batch = max(1, args.tokens_per_batch // length)
                     print(f"{model}, {batch} rows of {length} tokens ({workload}) ...", flush=True)
-                    rows = measure(model, folder, length, workload, args, peak)
-                    print_table(rows, peak, header=not results)
+                    rows = measure(model, folder, length, workload, args, peaks)
+                    print_table(rows, peaks, header=not results)
                     results += rows
-                    write_report(args.json_out, name, peak, args, results)
+                    write_report(args.json_out, name, peaks, args, results)
     print("\nall results:")
-    print_table(results, peak)
+    print_table(results, peaks)
     if args.json_out is not None:
         print(f"\nwrote {args.json_out}")
     return 0

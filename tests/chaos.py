@@ -446,6 +446,7 @@ async def overload(tmp: Path, *, seconds: float = 4.0, factor: float = 3.0) -> d
             "other_status": float(other),
             "accepted_p99_s": float(np.percentile(accepted, 99)) if accepted else 0.0,
             "accepted_max_s": max(accepted, default=0.0),
+            "rejected_p50_ms": float(np.percentile(rejected, 50) * 1000) if rejected else 0.0,
             "rejected_p99_ms": float(np.percentile(rejected, 99) * 1000) if rejected else 0.0,
             "gateway_rss_growth_mb": peak["gateway"] - rss_before["gateway"],
             "worker_rss_growth_mb": peak["worker"] - rss_before["worker"],

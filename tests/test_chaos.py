@@ -71,5 +71,7 @@ async def test_three_times_overload(tmp_path: Path) -> None:
     assert f["other_status"] == 0
     assert f["accepted"] > 0 and f["rejected_429"] > f["sent"] / 3
     assert f["accepted_max_s"] < 5.0  # every accepted request met its 5 s deadline
-    assert f["rejected_p99_ms"] < 200  # the rest were told at once
+    # The rest were told at once, not queued (accepted ones take seconds here). p99 got
+    # 38-39 ms alone on a slow Zen 3 host and 230 ms once inside a full suite run there.
+    assert f["rejected_p50_ms"] < 100 and f["rejected_p99_ms"] < 500
     assert f["gateway_rss_growth_mb"] < 100 and f["worker_rss_growth_mb"] < 100

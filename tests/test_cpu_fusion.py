@@ -16,7 +16,25 @@ from embedq.worker.backends.cpu_fusion import fuse_model, fusion_available
 
 from .test_families import FAMILIES
 
-pytestmark = pytest.mark.skipif(not fusion_available(), reason="torch built without oneDNN")
+needs_fusion = pytest.mark.skipif(
+    not fusion_available(), reason="no oneDNN bf16 matmul in this torch or on this CPU"
+)
+
+
+def test_fusion_is_offered_exactly_where_onednn_runs_it() -> None:
+    """On a CPU without oneDNN bf16 (AVX2 only) the fused op raises: a bf16 worker there
+    must not fuse, and where it runs the worker must use it."""
+    x, weight, bias = (torch.randn(*shape).to(torch.bfloat16) for shape in ((4, 8), (16, 8), (16,)))
+    try:
+        out = torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+    except (RuntimeError, AttributeError):
+        runs = False
+    else:
+        runs = True
+        torch.testing.assert_close(
+            out.float(), torch.nn.functional.linear(x, weight, bias).float(), rtol=0.02, atol=0.05
+        )
+    assert fusion_available() == runs
 
 
 def _tiny(family: str, **overrides: Any) -> torch.nn.Module:
@@ -38,6 +56,7 @@ def _hidden(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> to
     return out
 
 
+@needs_fusion
 @pytest.mark.parametrize("family", sorted(f for f in FAMILIES if "+" not in f))
 def test_fused_model_matches_transformers(family: str) -> None:
     model = _tiny(family)
@@ -57,11 +76,13 @@ def test_fused_model_matches_transformers(family: str) -> None:
     assert float(cos.min()) > 0.999, cos
 
 
+@needs_fusion
 def test_approximate_gelu_is_not_fused_as_exact() -> None:
     fused = fuse_model(_tiny("bert", hidden_act="gelu_new"))
     assert fused.linear_gelu == 0 and fused.linear_add == 4
 
 
+@needs_fusion
 def test_a_module_whose_forward_differs_is_left_alone(caplog: pytest.LogCaptureFixture) -> None:
     from transformers.models.bert.modeling_bert import BertIntermediate
 

@@ -86,6 +86,8 @@ def test_script_runs_tiny_models_on_cpu(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(out.read_text())
     results = report["results"]
+    assert set(report["peak_tflops"]) == {"float32", "bfloat16", "float16"}
+    assert all(peak > 0 for peak in report["peak_tflops"].values())
     # 3 models × 2 lengths × 2 workloads × (embedq packed and padded, ST fp32 and bf16)
     assert len(results) == 48
     runners = {r["runner"] for r in results}

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 import transformers
 
 from embedq.worker.backends import packed
+from embedq.worker.backends.cpu_fusion import fusion_available
 from embedq.worker.backends.torch_backend import TorchBackend, cpu_has_amx
 from embedq.worker.config import ConfigError, WorkerConfig
 
@@ -275,6 +276,7 @@ def test_tested_families_are_the_packed_list(family_folders: dict[str, Path]) ->
     assert tested == packed.PACKED_FAMILIES
 
 
+@pytest.mark.skipif(not fusion_available(), reason="kernel priming follows the oneDNN bf16 fusions")
 def test_packed_warmup_primes_the_one_thread_counts(
     model_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

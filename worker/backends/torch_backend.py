@@ -247,6 +247,10 @@ class TorchBackend:
         if config.quantize == "int8":
             if not hasattr(torch, "_int_mm"):
                 raise ConfigError(f"--quantize int8 needs torch._int_mm (torch {torch.__version__} lacks it)")
+            if not _cpu_flags() & {"avx512_vnni", "avx_vnni", "amx_int8"}:
+                # torch._int_mm has no fast kernel there: 2-3 GOP/s against 72-87 GFLOP/s
+                # float32 on a Zen 3 (docs/benchmarks.md §1, machine K).
+                log.warning("int8 without VNNI on this CPU: expect it many times slower than float32")
             log.info("int8: %d Linear layers quantized", quantize_int8(self.model))
         self.compiled = config.compile
         # Small passes run on one thread (worker/threads.py): eager bf16 on a CPU, where
@@ -517,8 +521,9 @@ class TorchBackend:
         which builds the oneDNN kernels a forward pass at those shapes will look up; and
         at batch 1 on one thread up to the one-thread budget (worker/threads.py).
         Packed on a CPU in bf16: each matmul kernel at every token count up to the
-        one-thread budget (at most PACKED_WARMUP_MAX_TOKENS), on one thread, since a small packed pass runs at its exact
-        count there (a first pass at a new count cost ~3 ms more on machine J).
+        one-thread budget (at most PACKED_WARMUP_MAX_TOKENS), on one thread, since a
+        small packed pass runs at its exact count there (a first pass at a new count
+        cost ~3 ms more on machine J).
         With --compile: every length bucket, at batch 1 and at a full batch (torch.compile
         builds a separate graph for size 1), so compiling happens here, not on a request.
         """
