@@ -14,6 +14,8 @@ import pytest
 import torch
 import transformers
 
+from embedq.worker.backends.cpu_fusion import fusion_available
+
 SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "gpu_throughput.py"
 
 
@@ -95,8 +97,13 @@ def test_script_runs_tiny_models_on_cpu(tmp_path: Path) -> None:
     assert st < runners and len(runners - st) == 2, runners  # at the dtype auto picked here
     assert any(r.startswith("embedq packed") for r in runners)
     assert any(r.startswith("embedq padded") for r in runners)
+    # Without oneDNN bf16 (AVX2 only) bf16 matmuls run a reference kernel whose speed
+    # varies with the shape (a tiny model's ran 1.5-2× the 512² "peak"): no bound there.
+    native = {"float32"} | ({"bfloat16"} if fusion_available() else set())
     for r in results:
-        assert r["sequences_per_s"] > 0 and 0 < r["mfu"] < 1.5
+        assert r["sequences_per_s"] > 0 and r["mfu"] > 0
+        if r["runner"].rsplit(" ", 1)[1] in native:
+            assert r["mfu"] < 1.5, r
         # Same weights, same ids: every runner computes the same model.
         assert r["min_cosine_to_st_fp32"] > 0.999, r
     assert {(r["model"], r["length"], r["workload"], r["batch"]) for r in results} >= {
