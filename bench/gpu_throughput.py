@@ -99,6 +99,7 @@ class Result:
     workload: str  # "fixed": every row `length` tokens; "mixed": length/8..length
     batch: int
     runner: str
+    dtype: str  # the runner's, whose matmul peak its MFU is taken against
     sequences_per_s: float
     tokens_per_s: float
     tflops: float
@@ -167,7 +168,7 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-# The dtypes whose matmul peak is measured, by the name a runner's label ends with.
+# The dtypes whose matmul peak is measured, by the name each runner's label ends with.
 PEAK_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -280,21 +281,25 @@ def measure(
         if device.type == "cuda":
             torch.cuda.empty_cache()
     st_fp32 = next(out for label, _, out in runs if label == "sentence-transformers float32")
-    return [
-        Result(
-            model=name,
-            length=length,
-            workload=workload,
-            batch=batch,
-            runner=runner,
-            sequences_per_s=batch / seconds,
-            tokens_per_s=sum(lengths) / seconds,
-            tflops=flops / seconds / 1e12,
-            mfu=flops / seconds / 1e12 / peaks[runner.rsplit(" ", 1)[1]],
-            min_cosine_to_st_fp32=cosine_min(out, st_fp32),
+    results = []
+    for runner, seconds, out in runs:
+        dtype = runner.rsplit(" ", 1)[1]  # every label ends with its dtype
+        results.append(
+            Result(
+                model=name,
+                length=length,
+                workload=workload,
+                batch=batch,
+                runner=runner,
+                dtype=dtype,
+                sequences_per_s=batch / seconds,
+                tokens_per_s=sum(lengths) / seconds,
+                tflops=flops / seconds / 1e12,
+                mfu=flops / seconds / 1e12 / peaks[dtype],
+                min_cosine_to_st_fp32=cosine_min(out, st_fp32),
+            )
         )
-        for runner, seconds, out in runs
-    ]
+    return results
 
 
 def print_table(results: list[Result], peaks: dict[str, float], header: bool = True) -> None:
@@ -388,7 +393,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     sizes = (512,) if args.tiny else (4096, 8192)
-    peaks = {name: matmul_peak_tflops(device, sizes, dtype) for name, dtype in PEAK_DTYPES.items()}
+    peaks = {label: matmul_peak_tflops(device, sizes, dtype) for label, dtype in PEAK_DTYPES.items()}
     print(f"device: {name}, torch {torch.__version__}, transformers {transformers.__version__}", flush=True)
     results: list[Result] = []
     with tempfile.TemporaryDirectory(prefix="embedq-gpu-") as tmp:

@@ -102,7 +102,8 @@ def test_script_runs_tiny_models_on_cpu(tmp_path: Path) -> None:
     native = {"float32"} | ({"bfloat16"} if fusion_available() else set())
     for r in results:
         assert r["sequences_per_s"] > 0 and r["mfu"] > 0
-        if r["runner"].rsplit(" ", 1)[1] in native:
+        assert r["runner"].endswith(r["dtype"]) and r["dtype"] in report["peak_tflops"]
+        if r["dtype"] in native:
             assert r["mfu"] < 1.5, r
         # Same weights, same ids: every runner computes the same model.
         assert r["min_cosine_to_st_fp32"] > 0.999, r
