@@ -1,7 +1,8 @@
 """Quality by dtype: embedq's torch backend against sentence-transformers' float32 vectors.
 
 For each variant (``float32``, ``bfloat16``, ``float16``, ``int8`` = float32 with
-``--quantize int8``; a ``+compile`` suffix adds ``--compile``), embedq's TorchBackend
+``--quantize int8``, ``int8-int_mm`` and ``int8-fbgemm`` with its ``--int8-kernel``
+pinned; a ``+compile`` suffix adds ``--compile``), embedq's TorchBackend
 embeds the bench corpus (bench/corpus.py) in this process, in token-sorted batches as
 the worker cuts them. Per variant:
 
@@ -36,7 +37,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -46,9 +47,11 @@ from corpus import build_corpus, fingerprint  # noqa: E402
 from mfu import ENCODE, machine_info, sorted_batches  # noqa: E402
 
 from embedq.worker.backends.torch_backend import TorchBackend  # noqa: E402
-from embedq.worker.config import WorkerConfig, resolve_model  # noqa: E402
+from embedq.worker.config import Int8KernelName, WorkerConfig, resolve_model  # noqa: E402
 
-VARIANTS = ("float32", "bfloat16", "float16", "int8")
+# int8 takes the worker's --int8-kernel auto; int8-int_mm and int8-fbgemm pin a kernel.
+VARIANTS = ("float32", "bfloat16", "float16", "int8", "int8-int_mm", "int8-fbgemm")
+DEFAULT_VARIANTS = VARIANTS[:4]
 NEIGHBOURS = 10
 
 
@@ -59,6 +62,7 @@ class Variant:
     quantize: str | None
     compile: bool
     limit: int
+    int8_kernel: Int8KernelName = "auto"
     seconds: list[float] = field(default_factory=list)
     start_s: float = 0.0
     vectors: np.ndarray | None = None
@@ -69,8 +73,9 @@ def parse_variant(name: str, limit: int, fp16_limit: int | None) -> Variant:
     if base not in VARIANTS or suffix not in ("", "compile"):
         raise SystemExit(f"unknown variant {name!r}: use {', '.join(VARIANTS)}, each optionally +compile")
     n = min(limit, fp16_limit) if base == "float16" and fp16_limit else limit
-    if base == "int8":
-        return Variant(name, "float32", "int8", bool(suffix), n)
+    if base.startswith("int8"):
+        kernel = cast("Int8KernelName", base.partition("-")[2] or "auto")
+        return Variant(name, "float32", "int8", bool(suffix), n, int8_kernel=kernel)
     return Variant(name, base, None, bool(suffix), n)
 
 
@@ -82,6 +87,7 @@ def load(v: Variant, threads: int, batch: int) -> TorchBackend:
         served_model_name=model_id,
         dtype=v.dtype,
         quantize=v.quantize,
+        int8_kernel=v.int8_kernel,
         compile=v.compile,
         threads=threads,
         max_batch_requests=batch,
@@ -139,7 +145,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     p.add_argument("--limit", type=int, default=800, help="passages of the bench corpus")
     p.add_argument(
-        "--variants", default=",".join(VARIANTS), help="comma-separated, e.g. float32,int8+compile"
+        "--variants", default=",".join(DEFAULT_VARIANTS), help="comma-separated, e.g. float32,int8+compile"
     )
     p.add_argument("--fp16-limit", type=int, default=None, help="run float16 on the first N passages only")
     p.add_argument(

@@ -22,11 +22,19 @@ from embedq import AsyncClient
 from embedq.common import keys
 from embedq.redis_server import RedisServer
 from embedq.worker.backends.cpu_fusion import fusion_available
-from embedq.worker.backends.int8 import GELU_FLOOR, Int8Linear, quantize_int8
-from embedq.worker.backends.torch_backend import TorchBackend, length_step, resolve_dtype
+from embedq.worker.backends.int8 import (
+    GELU_FLOOR,
+    FbgemmInt8Linear,
+    Int8Kernel,
+    Int8Linear,
+    fbgemm_available,
+    quantize_int8,
+)
+from embedq.worker.backends.torch_backend import TorchBackend, choose_int8_kernel, length_step, resolve_dtype
 from embedq.worker.buckets import COMPILE_MIN_STEP, EAGER_MIN_STEP, bucket_length
 from embedq.worker.config import (
     ConfigError,
+    Int8KernelName,
     WorkerConfig,
     add_worker_arguments,
     config_from_args,
@@ -47,6 +55,10 @@ TEXTS = [
     " ".join(f"word{i} alpha beta" for i in range(60)),  # ~200 tokens
 ]
 INT8_MIN_COSINE = 0.995  # measured 0.9973 at worst over the 4,000-passage bench corpus
+# The fbgemm kernel (rows scaled to one range, 7-bit weights): ~0.99 over the bench
+# corpus, 0.986 for the one-letter "x" of TEXTS, its worst (docs/benchmarks.md §5).
+INT8_MIN_COSINE_BY_KERNEL: dict[Int8Kernel, float] = {"int_mm": INT8_MIN_COSINE, "fbgemm": 0.98}
+needs_fbgemm = pytest.mark.skipif(not fbgemm_available(), reason="torch has no x86/fbgemm quantized engine")
 ENCODE = EncodeOptions(truncate=True, direction="right", prompt=None)
 
 
@@ -92,7 +104,10 @@ def test_options_are_off_by_default() -> None:
 
 def test_flags_parse() -> None:
     cfg = _config("--quantize", "int8", "--compile", "--dtype", "float32")
-    assert cfg.quantize == "int8" and cfg.compile is True
+    assert cfg.quantize == "int8" and cfg.compile is True and cfg.int8_kernel == "auto"
+    assert _config("--quantize", "int8", "--int8-kernel", "fbgemm").int8_kernel == "fbgemm"
+    with pytest.raises(SystemExit):  # argparse's own usage error
+        _config("--quantize", "int8", "--int8-kernel", "vnni")
 
 
 @pytest.mark.parametrize(
@@ -151,6 +166,74 @@ def test_int8_swaps_the_body_and_keeps_heads() -> None:
     model = Head()
     assert quantize_int8(model) == 2
     assert isinstance(model.body[0], Int8Linear) and isinstance(model.classifier, torch.nn.Linear)
+    if fbgemm_available():
+        model = Head()
+        assert quantize_int8(model, "fbgemm") == 2
+        assert isinstance(model.body[2], FbgemmInt8Linear) and isinstance(model.classifier, torch.nn.Linear)
+
+
+@needs_fbgemm
+def test_fbgemm_linear_tracks_float_with_outlier_rows() -> None:
+    """One activation scale per batch would give a loud token's range to every row: the
+    per-row scaling must keep the quiet rows as close as the loud one."""
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 48)
+    x = torch.randn(2, 5, 64)
+    x[0, 1] *= 30
+    x[1, :, 7] += 4.0
+    with torch.inference_mode():
+        want, got = linear(x), FbgemmInt8Linear(linear)(x)
+    assert got.shape == want.shape == (2, 5, 48)
+    rel = (got - want).norm(dim=-1) / want.norm(dim=-1)
+    assert float(rel.max()) < 0.03, rel
+    # The same layer without per-row scaling: the quiet rows lose most of their codes.
+    with torch.inference_mode():
+        plain = torch.ops.quantized.linear_dynamic(x.reshape(-1, 64), FbgemmInt8Linear(linear)._packed, False)
+        flat = want.reshape(-1, 48)
+        plain_rel = (plain + linear.bias - flat).norm(dim=-1) / flat.norm(dim=-1)
+    assert float(plain_rel.max()) > 2 * float(rel.max())
+    no_bias = torch.nn.Linear(64, 8, bias=False)
+    with torch.inference_mode():
+        want, got = no_bias(x[0]), FbgemmInt8Linear(no_bias)(x[0])
+    assert torch.allclose(got, want, atol=0.05 * float(want.abs().max()))
+
+
+@needs_fbgemm
+def test_fbgemm_linear_gives_a_row_the_same_output_in_any_batch() -> None:
+    """The engine's one activation range per batch is pinned by the anchor row, so a text's
+    vector does not move with its neighbours (without it: cosine 0.997 alone vs batched)."""
+    torch.manual_seed(3)
+    layer = FbgemmInt8Linear(torch.nn.Linear(64, 48))
+    x = torch.randn(7, 64)
+    x[2] *= 30  # a loud row, and a quiet one, change nothing for the others
+    x[5] *= 0.01
+    with torch.inference_mode():
+        batched = layer(x)
+        for i in range(len(x)):
+            assert torch.equal(layer(x[i : i + 1]), batched[i : i + 1]), i
+        assert torch.equal(layer(x[3:6]), batched[3:6])
+
+
+@needs_fbgemm
+def test_fbgemm_leaves_gelus_in_place() -> None:
+    """Only the int_mm kernel takes the GELU into the output projection."""
+    from transformers import BertConfig, BertModel
+
+    cfg = BertConfig(
+        vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64
+    )
+    torch.manual_seed(2)
+    model = BertModel(cfg).eval()
+    ids = torch.randint(0, 64, (2, 9))
+    with torch.inference_mode():
+        want = model(input_ids=ids).last_hidden_state
+    assert quantize_int8(model, "fbgemm") == 2 * 6
+    layer = model.encoder.layer[0]
+    assert isinstance(layer.output.dense, FbgemmInt8Linear)
+    assert not isinstance(layer.intermediate.intermediate_act_fn, torch.nn.Identity)
+    with torch.inference_mode():
+        got = model(input_ids=ids).last_hidden_state
+    assert float(torch.nn.functional.cosine_similarity(got, want, dim=-1).min()) > 0.99
 
 
 def test_gelu_floor_bounds_the_exact_gelu() -> None:
@@ -202,17 +285,21 @@ def test_int8_moves_only_exact_gelus_into_the_output_projection() -> None:
         assert float(cos.min()) > 0.99, (act, cos)
 
 
-def test_int8_backend_stays_close_to_float32(fp32_vectors: np.ndarray) -> None:
-    backend = _backend(quantize="int8")  # dtype auto → float32 base
-    assert backend.dtype_name == "float32"
-    assert backend.description.dtype == "int8"  # what the info hash and the cache key carry
-    layers = [m for m in backend.model.modules() if isinstance(m, Int8Linear)]
+@pytest.mark.parametrize("kernel", ["int_mm", pytest.param("fbgemm", marks=needs_fbgemm)])
+def test_int8_backend_stays_close_to_float32(kernel: Int8Kernel, fp32_vectors: np.ndarray) -> None:
+    backend = _backend(quantize="int8", int8_kernel=kernel)  # dtype auto → float32 base
+    assert backend.dtype_name == "float32" and backend.int8_kernel == kernel
+    # What the info hash and the cache key carry: the kernels' vectors differ too.
+    assert backend.description.dtype == {"int_mm": "int8", "fbgemm": "int8-fbgemm"}[kernel]
+    layer_type = Int8Linear if kernel == "int_mm" else FbgemmInt8Linear
+    layers = [m for m in backend.model.modules() if isinstance(m, layer_type)]
     assert len(layers) == 36  # 6 layers × (q, k, v, attention out, FFN in, FFN out); pooler stays
+    bound = INT8_MIN_COSINE_BY_KERNEL[kernel]
     cos = np.sum(_embed(backend) * fp32_vectors, axis=1)
-    assert float(cos.min()) >= INT8_MIN_COSINE, cos
+    assert float(cos.min()) >= bound, cos
     # One sentence alone (a batch of 1 row per token) works as well.
     one = _embed(backend, TEXTS[:1])
-    assert float(one[0] @ fp32_vectors[0]) >= INT8_MIN_COSINE
+    assert float(one[0] @ fp32_vectors[0]) >= bound
 
 
 # ---------------------------------------------------------------- length buckets
@@ -312,21 +399,51 @@ async def test_worker_with_int8_serves_and_says_so(
         assert w.stop() == 0, w.log()[-3000:]
     info = redis.Redis.from_url(redis_server.url, decode_responses=True)
     try:
-        assert info.hget(keys.model_info_key("minilm-int8"), "dtype") == "int8"
+        dtype = info.hget(keys.model_info_key("minilm-int8"), "dtype")
     finally:
         info.close()
-    assert float(np.sum(_unit(got) * fp32_vectors[:4], axis=1).min()) >= INT8_MIN_COSINE
+    kernel = choose_int8_kernel("auto")  # the worker's CPU is this one
+    assert dtype == {"int_mm": "int8", "fbgemm": "int8-fbgemm"}[kernel]
+    bound = INT8_MIN_COSINE_BY_KERNEL[kernel]
+    assert float(np.sum(_unit(got) * fp32_vectors[:4], axis=1).min()) >= bound
 
 
-@pytest.mark.parametrize(("flags", "warns"), [(frozenset(), True), (frozenset({"avx512_vnni"}), False)])
-def test_int8_warns_on_a_cpu_without_vnni(
-    flags: frozenset[str], warns: bool, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+@pytest.mark.parametrize(
+    ("flags", "requested", "chosen", "warns"),
+    [
+        (frozenset(), "auto", "fbgemm", False),
+        (frozenset({"avx512_vnni"}), "auto", "int_mm", False),
+        (frozenset({"amx_int8"}), "auto", "int_mm", False),
+        (frozenset(), "int_mm", "int_mm", True),
+        (frozenset({"avx512_vnni"}), "fbgemm", "fbgemm", False),
+    ],
+)
+def test_int8_kernel_follows_the_cpu(
+    flags: frozenset[str],
+    requested: Int8KernelName,
+    chosen: Int8Kernel,
+    warns: bool,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """Without VNNI torch._int_mm ran at 2-3 GOP/s against ~85 GFLOP/s float32 (Zen 3):
-    the operator who asks for int8 there is told it will be slow."""
+    """Without VNNI torch._int_mm ran at 2-3 GOP/s against ~85 GFLOP/s float32 (Zen 3),
+    fbgemm's AVX2 kernels at ~1.5-1.8× float32: auto takes fbgemm there, and whoever pins
+    int_mm on such a CPU is told it will be slow."""
+    if chosen == "fbgemm" and not fbgemm_available():
+        pytest.skip("torch has no x86/fbgemm quantized engine")
     from embedq.worker.backends import torch_backend
 
     monkeypatch.setattr(torch_backend, "_cpu_flags", lambda: flags)
     with caplog.at_level(logging.WARNING, logger="embedq.worker.backends.torch_backend"):
-        _backend(quantize="int8")
-    assert ("int8 without VNNI" in caplog.text) == warns
+        assert choose_int8_kernel(requested) == chosen
+    assert ("without VNNI" in caplog.text) == warns
+
+
+def test_int8_kernel_fbgemm_needs_the_engine(monkeypatch: pytest.MonkeyPatch) -> None:
+    from embedq.worker.backends import torch_backend
+
+    monkeypatch.setattr(torch_backend, "fbgemm_available", lambda: False)
+    monkeypatch.setattr(torch_backend, "_cpu_flags", lambda: frozenset())
+    with pytest.raises(ConfigError, match="no x86/fbgemm quantized engine"):
+        choose_int8_kernel("fbgemm")
+    assert choose_int8_kernel("auto") == "int_mm"  # the only kernel left, slow as it is

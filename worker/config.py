@@ -23,6 +23,8 @@ from embedq.worker.model_files import POOLINGS, Pooling
 BackendName = Literal["torch", "fake"]
 DTypeName = Literal["auto", "float32", "bfloat16", "float16"]
 QuantizeName = Literal["int8"]
+# --quantize int8's matmul: auto picks int_mm on CPUs with VNNI or AMX, fbgemm elsewhere.
+Int8KernelName = Literal["auto", "int_mm", "fbgemm"]
 PackingName = Literal["auto", "on", "off"]
 
 
@@ -67,6 +69,7 @@ class WorkerConfig:
     threads: int | None = None
     # CPU only, float32 base: Linear layers in int8 (per-token activations, per-channel weights).
     quantize: QuantizeName | None = None
+    int8_kernel: Int8KernelName = "auto"
     # torch.compile the model; input lengths are then padded up to BUCKET_TOKENS multiples.
     compile: bool = False
     # CPU bf16: passes under a FLOP budget run on one thread (worker/threads.py).
@@ -182,6 +185,14 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
         "for its cosine to float32)",
     )
     a(
+        "--int8-kernel",
+        choices=["auto", "int_mm", "fbgemm"],
+        default=_env("embedq_int8_kernel", "auto"),
+        help="with --quantize int8: int_mm (torch._int_mm, per-token scales; fast with VNNI or AMX) or "
+        "fbgemm (torch's quantized engine; fast on AVX2 too); auto = int_mm where the CPU has VNNI "
+        "or AMX, fbgemm elsewhere (default auto)",
+    )
+    a(
         "--compile",
         action="store_true",
         default=_bool(_env("embedq_compile", "false") or "false"),
@@ -289,6 +300,7 @@ def config_from_args(ns: argparse.Namespace) -> WorkerConfig:
         pooling=ns.pooling,
         threads=int(ns.threads) if ns.threads else None,
         quantize=ns.quantize,
+        int8_kernel=ns.int8_kernel,
         compile=ns.compile,
         single_thread_small_passes=ns.single_thread_small_passes,
         packing=ns.packing,

@@ -14,7 +14,8 @@ the compiled code meet few shapes. Both pool in float32 and leave normalisation 
 Matryoshka cuts to the worker's post-processing.
 
 Options, all off by default: ``--quantize int8`` (CPU, float32 base: Linear layers run
-as int8 × int8 → int32 matmuls) and ``--compile`` (torch.compile). Their measured
+as int8 × int8 → int32 matmuls, by ``torch._int_mm`` or fbgemm: ``--int8-kernel``) and
+``--compile`` (torch.compile). Their measured
 effects are in docs/benchmarks.md, sections 5 and 6.
 """
 
@@ -34,9 +35,9 @@ import torch
 from embedq.worker.backends import packed as packing
 from embedq.worker.backends.base import ModelDescription
 from embedq.worker.backends.cpu_fusion import fuse_model, fusion_available
-from embedq.worker.backends.int8 import quantize_int8
+from embedq.worker.backends.int8 import Int8Kernel, fbgemm_available, quantize_int8
 from embedq.worker.buckets import COMPILE_MIN_STEP, EAGER_MIN_STEP, bucket_length, bucket_lengths
-from embedq.worker.config import ConfigError, WorkerConfig, check_precision
+from embedq.worker.config import ConfigError, Int8KernelName, WorkerConfig, check_precision
 from embedq.worker.model_files import DenseLayer, ModelFolderError, Pooling, fingerprint, read_layout
 from embedq.worker.threads import PassThreads, single_thread_tokens
 from embedq.worker.tokenization import HFTokenizer, LlmRerankTokenizer
@@ -165,6 +166,26 @@ PACKED_WARMUP_MAX_TOKENS = 256
 WARMUP_SINGLE_MAX_TOKENS = 128
 
 
+def choose_int8_kernel(requested: Int8KernelName) -> Int8Kernel:
+    """The int8 matmul for --int8-kernel: ``torch._int_mm`` where the CPU has VNNI or AMX
+    (per-token scales, the measured quality bound), fbgemm elsewhere: without VNNI
+    ``torch._int_mm`` ran at 2-3 GOP/s against 72-87 GFLOP/s float32 on a Zen 3, and
+    fbgemm's AVX2 kernels at ~1.5-1.8× float32 (docs/benchmarks.md §1, machine K)."""
+    vnni = bool(_cpu_flags() & {"avx512_vnni", "avx_vnni", "amx_int8"})
+    if requested == "fbgemm" or (requested == "auto" and not vnni and fbgemm_available()):
+        if not fbgemm_available():
+            engines = ", ".join(torch.backends.quantized.supported_engines)
+            raise ConfigError(
+                f"--int8-kernel fbgemm: this torch has no x86/fbgemm quantized engine ({engines})"
+            )
+        return "fbgemm"
+    if not hasattr(torch, "_int_mm"):
+        raise ConfigError(f"--int8-kernel int_mm needs torch._int_mm (torch {torch.__version__} lacks it)")
+    if not vnni:
+        log.warning("int8 (int_mm) without VNNI on this CPU: expect it many times slower than float32")
+    return "int_mm"
+
+
 def length_step(device: str, dtype_name: str, quantize: str | None, compiled: bool) -> int:
     """The min_step of the length buckets this backend pads to (worker/buckets.py); 0
     when batches are padded only to their longest sequence.
@@ -244,14 +265,11 @@ class TorchBackend:
         self.model.eval().to(self.device)
         self._pad_id = int(getattr(hf_config, "pad_token_id", None) or 0)
         self.quantize = config.quantize
+        self.int8_kernel: Int8Kernel | None = None
         if config.quantize == "int8":
-            if not hasattr(torch, "_int_mm"):
-                raise ConfigError(f"--quantize int8 needs torch._int_mm (torch {torch.__version__} lacks it)")
-            if not _cpu_flags() & {"avx512_vnni", "avx_vnni", "amx_int8"}:
-                # torch._int_mm has no fast kernel there: 2-3 GOP/s against 72-87 GFLOP/s
-                # float32 on a Zen 3 (docs/benchmarks.md §1, machine K).
-                log.warning("int8 without VNNI on this CPU: expect it many times slower than float32")
-            log.info("int8: %d Linear layers quantized", quantize_int8(self.model))
+            self.int8_kernel = choose_int8_kernel(config.int8_kernel)
+            swapped = quantize_int8(self.model, self.int8_kernel)
+            log.info("int8: %d Linear layers quantized (%s kernel)", swapped, self.int8_kernel)
         self.compiled = config.compile
         # Small passes run on one thread (worker/threads.py): eager bf16 on a CPU, where
         # it was measured (int8 and --compile not).
@@ -318,8 +336,9 @@ class TorchBackend:
             dim=width,
             max_input_length=layout.max_input_length,
             pooling=layout.pooling or "none",
-            # The info hash and the cache key carry this: int8 vectors differ from float32 ones.
-            dtype="int8" if config.quantize else self.dtype_name,
+            # The info hash and the cache key carry this: int8 vectors differ from float32
+            # ones, and the two int8 kernels' from each other (auto picks per CPU).
+            dtype=self._int8_label() if self.int8_kernel else self.dtype_name,
             device=str(self.device),
             packed=self._packed,
             length_step=self._length_step,
@@ -338,6 +357,9 @@ class TorchBackend:
             self.device,
             torch.get_num_threads(),
         )
+
+    def _int8_label(self) -> str:
+        return "int8" if self.int8_kernel == "int_mm" else f"int8-{self.int8_kernel}"
 
     def padded_width(self, width: int) -> int:
         """The width a batch whose longest sequence has ``width`` tokens is run at."""
