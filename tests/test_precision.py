@@ -30,7 +30,13 @@ from embedq.worker.backends.int8 import (
     fbgemm_available,
     quantize_int8,
 )
-from embedq.worker.backends.torch_backend import TorchBackend, choose_int8_kernel, length_step, resolve_dtype
+from embedq.worker.backends.torch_backend import (
+    TorchBackend,
+    choose_int8_kernel,
+    length_step,
+    resolve_dtype,
+    warn_if_emulated_bf16,
+)
 from embedq.worker.buckets import COMPILE_MIN_STEP, EAGER_MIN_STEP, bucket_length
 from embedq.worker.config import (
     ConfigError,
@@ -447,3 +453,31 @@ def test_int8_kernel_fbgemm_needs_the_engine(monkeypatch: pytest.MonkeyPatch) ->
     with pytest.raises(ConfigError, match="no x86/fbgemm quantized engine"):
         choose_int8_kernel("fbgemm")
     assert choose_int8_kernel("auto") == "int_mm"  # the only kernel left, slow as it is
+
+
+@pytest.mark.parametrize(
+    ("flags", "device", "dtype", "warns"),
+    [
+        (frozenset(), "cpu", "bfloat16", True),
+        (frozenset({"avx512_bf16"}), "cpu", "bfloat16", False),
+        (frozenset({"amx_bf16"}), "cpu", "bfloat16", False),
+        (frozenset(), "cpu", "float32", False),
+        (frozenset(), "cuda:0", "bfloat16", False),
+    ],
+)
+def test_explicit_bf16_on_a_cpu_without_it_warns(
+    flags: frozenset[str],
+    device: str,
+    dtype: str,
+    warns: bool,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """On an AVX2-only CPU a bf16 matmul ran at 1-2 GFLOP/s against 72-87 float32: the
+    operator who pins --dtype bfloat16 there is told."""
+    from embedq.worker.backends import torch_backend
+
+    monkeypatch.setattr(torch_backend, "_cpu_flags", lambda: flags)
+    with caplog.at_level(logging.WARNING, logger="embedq.worker.backends.torch_backend"):
+        assert warn_if_emulated_bf16(device, dtype) is warns
+    assert ("bf16 matmuls run emulated" in caplog.text) == warns

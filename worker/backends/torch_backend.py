@@ -120,6 +120,19 @@ def resolve_dtype(requested: str, device: str, quantize: str | None = None) -> s
     return "bfloat16" if cpu_has_fast_bf16() else "float32"
 
 
+def warn_if_emulated_bf16(device: str, dtype_name: str) -> bool:
+    """Log a warning when bf16 was asked for on a CPU without bf16 matmul instructions;
+    True if it did. There torch runs reference kernels: 1-2 GFLOP/s against 72-87
+    float32 on a Zen 3 (docs/benchmarks.md §1, machine K), where ``auto`` picks float32."""
+    if device.startswith("cpu") and dtype_name == "bfloat16" and not cpu_has_bf16_flags():
+        log.warning(
+            "--dtype bfloat16 on a CPU without AVX512-BF16 or AMX: bf16 matmuls run emulated, "
+            "many times slower than float32 (--dtype auto picks float32 here)"
+        )
+        return True
+    return False
+
+
 def _pool(
     hidden: torch.Tensor, mask: torch.Tensor, lengths: torch.Tensor, pooling: Pooling | None
 ) -> torch.Tensor:
@@ -225,6 +238,7 @@ class TorchBackend:
         # WorkerConfig can be built without config_from_args (benchmarks, tests).
         check_precision(config.device, config.dtype, config.quantize)
         self.dtype_name = resolve_dtype(config.dtype, config.device, config.quantize)
+        warn_if_emulated_bf16(config.device, self.dtype_name)
         dtype = _DTYPES[self.dtype_name]
 
         hf_config = AutoConfig.from_pretrained(path)
