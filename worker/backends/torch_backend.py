@@ -15,8 +15,8 @@ Matryoshka cuts to the worker's post-processing.
 
 Options, all off by default: ``--quantize int8`` (CPU, float32 base: Linear layers run
 as int8 × int8 → int32 matmuls, by ``torch._int_mm`` or fbgemm: ``--int8-kernel``) and
-``--compile`` (torch.compile). Their measured
-effects are in docs/benchmarks.md, sections 5 and 6.
+``--compile`` (torch.compile). Their measured effects are in docs/benchmarks.md,
+sections 5 and 6.
 """
 
 from __future__ import annotations
