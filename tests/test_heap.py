@@ -22,7 +22,7 @@ def test_freeze_moves_live_objects_out_of_every_generation() -> None:
     loaded = [[i] for i in range(1000)]  # tracked containers, alive like a loaded model
     try:
         frozen = freeze_startup_heap()
-        # Frozen objects that die later (a finaliser, another thread's garbage) leave the
+        # A frozen object freed afterwards (its last reference dropped) leaves the
         # permanent generation, so the count can only have shrunk since the freeze.
         assert frozen >= gc.get_freeze_count() >= len(loaded)
         scanned = {id(o) for o in gc.get_objects()}
