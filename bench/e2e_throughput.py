@@ -14,6 +14,8 @@ in ``--rounds`` rounds of steps 1–3 (each system's fastest round is reported):
    infinity server, one right after the other.
 
 It then compares the vectors with sentence-transformers' (cosine) and prints a summary.
+This process keeps freed memory as the worker does (``keep_freed_memory``), so steps 1
+and 2 run on the same allocator settings as the worker they are compared with.
 
     python bench/e2e_throughput.py                 # 4000 passages, slow on small machines
     python bench/e2e_throughput.py --n 200         # a quick check
@@ -43,6 +45,8 @@ from typing import Any
 
 import numpy as np
 import redis
+
+from embedq.worker.main import keep_freed_memory
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from corpus import build_corpus, fingerprint  # noqa: E402
@@ -452,6 +456,7 @@ def print_summary(report: dict[str, Any], runs: list[Run]) -> None:
             ),
         ),
         ("threads", str(cfg["threads"])),
+        ("in-process heap", "kept, as the worker's" if cfg.get("heap_kept") else "glibc defaults"),
         ("ST batch size", str(cfg["batch_size"])),
         ("embed_many", f"chunk_size {cfg['chunk_size']}, max_in_flight {cfg['max_in_flight']}"),
         (
@@ -529,6 +534,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     path = model_path()
+    heap_kept = keep_freed_memory()
 
     # Built (or found) first, so a failed install is known before anything is timed.
     shapes: list[Shape] = []
@@ -601,7 +607,7 @@ def main(argv: list[str] | None = None) -> int:
         quality = {"min": float(cos.min()), "mean": float(cos.mean())}
 
     report: dict[str, Any] = {
-        "config": vars(args),
+        "config": vars(args) | {"heap_kept": heap_kept},
         "corpus": {
             "passages": len(corpus),
             "fingerprint": fingerprint(corpus),

@@ -16,18 +16,21 @@ MFU = achieved GFLOP/s ÷ the peak of the same dtype, as a fraction.
     python bench/mfu.py --limit 400 --dtypes float32,bfloat16 --json-out mfu.json
     python bench/mfu.py --first-request          # cold vs warmed first-request latency
 
-Like the worker, it sets OpenMP's idle waits (OMP_WAIT_POLICY, GOMP_SPINCOUNT) unless
-the environment sets them.
+Like the worker, it sets OpenMP's idle waits (OMP_WAIT_POLICY, GOMP_SPINCOUNT) and
+keeps freed memory in glibc's heap (``keep_freed_memory``) unless the environment sets
+them.
 """
 
 from __future__ import annotations
 
 import os
 
-from embedq.worker.main import set_openmp_waits
+from embedq.worker.main import keep_freed_memory, set_openmp_waits
 
 # As the worker does; must precede the first torch import, hence the imports below it.
 set_openmp_waits()
+# As the worker does: freed activation memory stays in the heap for the next pass.
+keep_freed_memory()
 # ruff: noqa: E402
 
 import argparse

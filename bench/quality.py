@@ -17,18 +17,21 @@ the worker cuts them. Per variant:
     python bench/quality.py --limit 400 --variants float32,int8,int8+compile --json-out q.json
     python bench/quality.py --limit 800 --fp16-limit 200    # float16 on a subset (slow CPUs)
 
-Like the worker, it sets OpenMP's idle waits (OMP_WAIT_POLICY, GOMP_SPINCOUNT) unless
-the environment sets them.
+Like the worker, it sets OpenMP's idle waits (OMP_WAIT_POLICY, GOMP_SPINCOUNT) and
+keeps freed memory in glibc's heap (``keep_freed_memory``) unless the environment sets
+them.
 """
 
 from __future__ import annotations
 
 import os
 
-from embedq.worker.main import set_openmp_waits
+from embedq.worker.main import keep_freed_memory, set_openmp_waits
 
 # As the worker does; must precede the first torch import, hence the imports below it.
 set_openmp_waits()
+# As the worker does: freed activation memory stays in the heap for the next pass.
+keep_freed_memory()
 # ruff: noqa: E402
 
 import argparse
