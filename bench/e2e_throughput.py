@@ -456,7 +456,12 @@ def print_summary(report: dict[str, Any], runs: list[Run]) -> None:
             ),
         ),
         ("threads", str(cfg["threads"])),
-        ("in-process heap", "kept, as the worker's" if cfg.get("heap_kept") else "glibc defaults"),
+        (
+            "in-process heap",
+            "kept, as the worker's"
+            if cfg.get("heap_kept")
+            else "left alone (MALLOC_*/LD_PRELOAD set, or not glibc)",
+        ),
         ("ST batch size", str(cfg["batch_size"])),
         ("embed_many", f"chunk_size {cfg['chunk_size']}, max_in_flight {cfg['max_in_flight']}"),
         (
