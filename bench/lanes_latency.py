@@ -42,7 +42,7 @@ import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from multiprocessing.sharedctypes import Synchronized
 from multiprocessing.synchronize import Event as MpEvent
 from pathlib import Path
@@ -171,7 +171,7 @@ def read_batches(log_path: Path) -> list[BatchRec]:
         except json.JSONDecodeError:
             continue
         # JsonFormatter writes UTC with millisecond precision and a literal Z.
-        end = datetime.strptime(rec["time"], "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=timezone.utc)
+        end = datetime.strptime(rec["time"], "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC)
         out.append(
             BatchRec(
                 end.timestamp(), rec["inference_ms"], rec["batch_size"], rec["tokens"], rec["padded_tokens"]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import sys
 from collections.abc import Awaitable, Iterable
 from typing import TypeVar
 
@@ -33,10 +32,8 @@ async def cancel_tasks(tasks: Iterable[asyncio.Task[object]], timeout: float = 5
 async def within(aw: Awaitable[T], seconds: float | None) -> T:
     """``await aw`` with a deadline (None: none); raises TimeoutError when it passes.
 
-    On Python 3.11+ this runs ``aw`` in the caller's task; asyncio.wait_for wraps it in a
-    task of its own, a cost paid per request.
+    ``aw`` runs in the caller's task (asyncio.wait_for would wrap it in a task of its
+    own, a cost paid per call).
     """
-    if sys.version_info >= (3, 11):
-        async with asyncio.timeout(seconds):
-            return await aw
-    return await asyncio.wait_for(aw, seconds)
+    async with asyncio.timeout(seconds):
+        return await aw

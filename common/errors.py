@@ -89,6 +89,13 @@ class BackendError(EmbedqError):
     http_status = 424
 
 
+class ModelTypeError(BackendError):
+    """A route of another type of model (/rerank on an embedding model...): TEI's 424,
+    counted apart from model failures in its metrics."""
+
+    code = "model_type"
+
+
 class RequestTimeoutError(EmbedqError):
     code = "timeout"
     tei_type = "Timeout"
@@ -120,6 +127,7 @@ _BY_CODE: dict[str, type[EmbedqError]] = {
         ModelNotServedError,
         OverloadedError,
         BackendError,
+        ModelTypeError,
         RequestTimeoutError,
         ProtocolError,
         QueueUnavailableError,

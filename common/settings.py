@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -88,12 +89,27 @@ def redis_username(url: str) -> str | None:
     return unquote(urlsplit(url).username or "") or None
 
 
-def connect(settings: RedisSettings, *, name: str, max_connections: int | None = None) -> aioredis.Redis:
+def connect(
+    settings: RedisSettings,
+    *,
+    name: str,
+    max_connections: int | None = None,
+    on_connect: Callable[[], None] | None = None,
+) -> aioredis.Redis:
     """An asyncio Redis client whose pool never grows past ``max_connections``.
 
     The pool blocks instead of opening a new socket, so the number of connections
-    stays bounded whatever the number of concurrent callers.
+    stays bounded whatever the number of concurrent callers. ``on_connect`` is called
+    each time one of its connections is (re)established, after the handshake.
     """
+    extra: dict[str, Any] = {}
+    if on_connect is not None:
+
+        async def handshake_then_tell(conn: aioredis.Connection) -> None:
+            await conn.on_connect()
+            on_connect()
+
+        extra["redis_connect_func"] = handshake_then_tell
     pool = aioredis.BlockingConnectionPool.from_url(
         settings.url,
         max_connections=max_connections or settings.max_connections,
@@ -105,6 +121,7 @@ def connect(settings: RedisSettings, *, name: str, max_connections: int | None =
         retry=Retry(ExponentialBackoff(cap=2.0, base=0.05), settings.retries),
         retry_on_error=[RedisConnectionError, RedisTimeoutError],
         **settings.connection_kwargs(),
+        **extra,
     )
     return aioredis.Redis(connection_pool=pool)
 

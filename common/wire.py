@@ -86,7 +86,8 @@ class EmbedParams(EmbedAllParams):
 class RerankParams(TruncationParams):
     """A ``rerank`` job scores each input against ``query`` (one pair per input)."""
 
-    query: str = Field(min_length=1)
+    # May be empty, as in TEI: only a pair with both texts empty is refused.
+    query: str
 
 
 class PredictParams(TruncationParams):

@@ -33,6 +33,8 @@ def _cmd_supervisor(ns: argparse.Namespace, argv: list[str]) -> int:
 def _cmd_worker(ns: argparse.Namespace, argv: list[str]) -> int:
     if ns.devices:
         return _cmd_supervisor(ns, argv)
+    from redis.exceptions import RedisError
+
     from embedq.worker.config import ConfigError, config_from_args
     from embedq.worker.main import run_worker
     from embedq.worker.model_files import ModelFolderError
@@ -44,6 +46,11 @@ def _cmd_worker(ns: argparse.Namespace, argv: list[str]) -> int:
     except (ConfigError, ModelFolderError, RegistrationConflict, ValueError) as exc:
         logging.getLogger("embedq").error("%s", exc)
         return 2
+    except RedisError as exc:  # at start-up (a running worker waits refusals out)
+        logging.getLogger("embedq").error(
+            "the worker stopped: Redis answered %s: %s", type(exc).__name__, exc
+        )
+        return 1
     except WorkerFault as exc:
         logging.getLogger("embedq").critical("worker stopped: %s", exc)
         # Exit now: a hung inference thread would keep a normal exit waiting forever.

@@ -19,7 +19,7 @@ from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from embedq.common import keys
-from embedq.common.aio import cancel_tasks, within
+from embedq.common.aio import cancel_tasks
 from embedq.common.codec import vectors_from_bytes
 from embedq.common.errors import (
     EmbedqError,
@@ -121,6 +121,8 @@ class AsyncClient:
         self._in_flight: dict[str, tuple[str, bytes]] = {}
         # Request streams this client has queued to (see _enqueue).
         self._known_streams: set[str] = set()
+        # Connections the reply reader has made (see _reader_connected).
+        self._reader_connections = 0
         # Resubmissions under way (a reference keeps each task alive until it ends).
         self._background: set[asyncio.Task[None]] = set()
         if max_in_flight < 1:
@@ -137,15 +139,18 @@ class AsyncClient:
         if self._reader is not None:
             return
         self._redis = connect(self._settings, name=f"embedq-sdk:{self.client_id}")
-        # The blocking XREAD gets a connection of its own.
+        # The blocking XREAD gets a connection of its own, always open: each time it is
+        # made again, Redis was down, restarted or failed over, and queued jobs may be gone.
         self._reader_redis = connect(
-            self._settings, name=f"embedq-sdk-replies:{self.client_id}", max_connections=1
+            self._settings,
+            name=f"embedq-sdk-replies:{self.client_id}",
+            max_connections=1,
+            on_connect=self._reader_connected,
         )
         self._reader = ReplyReader(self._reader_redis, keys.reply_stream(self.client_id))
         self._submitter = Submitter(self._redis)
         if self.cache_ttl_s:
             self.cache = EmbeddingCache(self._redis, ttl_s=self.cache_ttl_s)
-        self._reader.on_reconnect = self._resubmit_in_flight
         self._reader.start()
         self._submitter.start()
 
@@ -194,7 +199,16 @@ class AsyncClient:
             async def fetch(missing: list[Any]) -> Reply:
                 return await self._request(kind, missing, params, model, timeout, lane)
 
-            return await self.cache.embed(model, inputs, params, fetch)
+            # One deadline over the cache's reads and writes and the fetch of what it
+            # lacks: a stalled Redis must not hold a caller past its timeout.
+            seconds = self.timeout if timeout is None else timeout
+            try:
+                async with asyncio.timeout(seconds if seconds > 0 else None):
+                    return await self.cache.embed(model, inputs, params, fetch)
+            except TimeoutError:
+                raise RequestTimeoutError(
+                    f"no reply from model {model!r} within {seconds:g}s (cache lookup included)"
+                ) from None
         return await self._request(kind, inputs, params, model, timeout, lane)
 
     async def _request(
@@ -228,25 +242,19 @@ class AsyncClient:
         reader = self._reader
         waiter = reader.expect(job.id)
         stream, payload = keys.jobs_stream(model, lane), pack_job(job)
-
-        async def round_trip() -> Reply:
-            if not await self._enqueue(stream, payload):
-                raise ModelNotServedError(
-                    f"model {model!r} is not served: no worker has registered its stream "
-                    f"{stream!r} on this Redis"
-                )
-            self._in_flight[job.id] = (stream, payload)
-            return await waiter
-
-        async def within_slot() -> Reply:
-            async with self._slots:
-                return await round_trip()
-
+        # One coroutine from slot to reply, under one deadline that covers the wait for a
+        # slot and the enqueue too (a stalled Redis cannot hang a caller). Nested helper
+        # coroutines cost a frame, a closure and GC work per request on this hot path.
         try:
-            # The deadline covers the wait for a slot and the enqueue too: a stalled
-            # Redis cannot hang a caller.
-            return await within(within_slot(), timeout if timeout > 0 else None)
-        except asyncio.TimeoutError:
+            async with asyncio.timeout(timeout if timeout > 0 else None), self._slots:
+                if not await self._enqueue(stream, payload):
+                    raise ModelNotServedError(
+                        f"model {model!r} is not served: no worker has registered its stream "
+                        f"{stream!r} on this Redis"
+                    )
+                self._in_flight[job.id] = (stream, payload)
+                return await waiter
+        except TimeoutError:
             raise RequestTimeoutError(
                 f"no reply for request {job.id} to model {model!r} within {timeout:g}s"
             ) from None
@@ -286,6 +294,14 @@ class AsyncClient:
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 2.0)
 
+    def _reader_connected(self) -> None:
+        # The first connection is the start; any later one replaces a broken one. A
+        # restart without persistence can take a fraction of a second, which redis-py's
+        # own retries hide from the reads: the new connection is the one sign of it.
+        self._reader_connections += 1
+        if self._reader_connections > 1:
+            self._resubmit_in_flight()
+
     def _resubmit_in_flight(self) -> None:
         """After Redis came back, send every job still awaiting its reply again (same
         ids): a restart without persistence, or the last second of an AOF, may have lost
@@ -304,7 +320,7 @@ class AsyncClient:
         try:
             resend = asyncio.gather(*(again(i, stream, payload) for i, (stream, payload) in jobs.items()))
             await asyncio.wait_for(resend, RESUBMIT_WINDOW_S)
-        except (asyncio.TimeoutError, EmbedqError) as exc:
+        except (TimeoutError, EmbedqError) as exc:
             log.warning("resubmission incomplete (%r); the next reconnect tries again", exc)
 
     # ---------------------------------------------------------------- embeddings

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
 from typing import TypeAlias, cast
 
 import redis.asyncio as aioredis
@@ -39,8 +38,6 @@ class ReplyReader:
         self._since_trim = 0
         self._closing = False
         self.duplicates_dropped = 0
-        # Called when reading works again after failing (Redis restarted or came back).
-        self.on_reconnect: Callable[[], None] | None = None
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="embedq-replies")
@@ -77,8 +74,8 @@ class ReplyReader:
                     await self._redis.xread({self.stream: self._last_id}, count=512, block=BLOCK_MS),
                 )
                 backoff = 0.1
-                if failing and self.on_reconnect is not None:
-                    self.on_reconnect()
+                if failing:
+                    log.info("reply stream readable again")
                 failing = False
             except RedisError as exc:
                 failing = True

@@ -22,11 +22,16 @@ class Client:
     def __init__(
         self, redis_url: str = DEFAULT_REDIS_URL, *, model: str = DEFAULT_MODEL_NAME, **kwargs: Any
     ) -> None:
+        # Built first: bad arguments raise before a loop thread exists to be left behind.
+        self._async = AsyncClient(redis_url, model=model, **kwargs)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="embedq-client", daemon=True)
         self._thread.start()
-        self._async = AsyncClient(redis_url, model=model, **kwargs)
-        self._call(self._async.start())
+        try:
+            self._call(self._async.start())
+        except BaseException:
+            self.close()
+            raise
 
     def _call(self, coro: Coroutine[Any, Any, T]) -> T:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
@@ -56,7 +61,8 @@ class Client:
                 except StopAsyncIteration:
                     return
         finally:
-            self._call(agen.aclose())
+            if not self._loop.is_closed():  # else close() ended the generator's calls already
+                self._call(agen.aclose())
 
     @property
     def client_id(self) -> str:

@@ -147,6 +147,8 @@ def test_each_role_does_its_job_and_nothing_more(acl_redis: AclRedis, tmp_path: 
     )  # fmt: skip
     assert res.returncode == 0 and MODEL in res.stdout, res.stderr
     worker.stop()
+    # Leaving, it removed its consumer from the group (XGROUP DELCONSUMER is granted).
+    assert admin.xinfo_consumers(jobs, keys.WORKER_GROUP) == []
 
     producer = acl_redis.client("producer")
     _denied(producer.xrange, jobs)  # cannot read other clients' jobs

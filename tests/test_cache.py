@@ -10,10 +10,12 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import pytest
 import redis
 
 from embedq import AsyncClient
 from embedq.common import keys
+from embedq.common.errors import RequestTimeoutError
 from embedq.redis_server import RedisServer
 
 from .helpers import MODEL, free_port, start_gateway, start_worker, wait_healthy
@@ -83,6 +85,23 @@ async def test_errors_are_not_cached(redis_server: RedisServer, tmp_path: Path) 
                 raise AssertionError("an out-of-range dimensions must fail")
         assert not list(redis.Redis.from_url(redis_server.url).scan_iter(match="embedq:cache:*"))
     worker.stop()
+
+
+async def test_the_deadline_covers_the_cache_lookup(redis_server: RedisServer, tmp_path: Path) -> None:
+    """A stalled Redis (CLIENT PAUSE) holds the cache's reads too: the caller's timeout
+    still ends the call, with the typed error."""
+    worker = start_worker(redis_server.url, tmp_path, "--backend", "fake")
+    try:
+        async with AsyncClient(redis_server.url, model=MODEL, timeout=1.0, cache_ttl_s=60) as client:
+            await client.embed("warm")
+            redis.Redis.from_url(redis_server.url).execute_command("CLIENT", "PAUSE", "4000", "ALL")
+            start = time.monotonic()
+            with pytest.raises(RequestTimeoutError):
+                await client.embed("not cached yet")
+            assert time.monotonic() - start < 2.0
+    finally:
+        redis.Redis.from_url(redis_server.url).execute_command("CLIENT", "UNPAUSE")
+        worker.stop()
 
 
 def test_gateway_cache_and_exporter_metrics(redis_server: RedisServer, tmp_path: Path) -> None:

@@ -249,6 +249,24 @@ def test_gateway_rerank_routes(rerank_gw: GatewayProcess, reranker_path: Path) -
         # The worker owns the tokenizer for every model kind.
         assert http.post("/tokenize", json={"inputs": "hello"}).status_code == 200
 
+        # As in TEI, a pair with one empty text is scored (RAG corpora hold empty chunks);
+        # only a pair of two empty texts is refused.
+        with_empty = http.post("/rerank", json={"query": QUERY, "texts": [TEXTS[0], ""]})
+        assert with_empty.status_code == 200, with_empty.text
+        want = cross.predict([(QUERY, TEXTS[0]), (QUERY, "")])
+        for r in with_empty.json():
+            assert abs(r["score"] - float(want[r["index"]])) < TOL
+        assert http.post("/rerank", json={"query": "", "texts": ["a"]}).status_code == 200
+        empty = http.post("/rerank", json={"query": "", "texts": ["a", ""]})
+        assert empty.status_code == 422 and empty.json()["error"] == "`inputs` cannot be empty"
+        # x-compute-characters counts the query once per pair, as TEI does.
+        assert int(with_empty.headers["x-compute-characters"]) == 2 * len(QUERY) + len(TEXTS[0])
+        # TEI's failure reasons: the wrong model type for the route (/embed above), and
+        # an unknown model (404) as a validation failure.
+        metrics = http.get("/metrics").text
+        assert 'te_request_failure{err="model_type"} 1.0' in metrics
+        assert 'te_request_failure{err="inference"}' not in metrics
+
 
 def test_gateway_predict_route(classify_gw: GatewayProcess, classifier_path: Path) -> None:
     ref = _reference_logits(classifier_path, ["I love this."])[0]
@@ -277,6 +295,11 @@ def test_gateway_predict_route(classify_gw: GatewayProcess, classifier_path: Pat
         assert info["model_type"]["classifier"]["id2label"] == {str(k): v for k, v in LABELS.items()}
         assert http.post("/predict", json={"inputs": []}).status_code == 400
         assert http.post("/predict", json={"inputs": [["a", "b", "c"]]}).status_code == 422
+        one_empty = http.post("/predict", json={"inputs": ["The cat sat.", ""]})
+        assert one_empty.status_code == 200 and len(one_empty.json()) == 3  # one pair
+        assert int(one_empty.headers["x-compute-characters"]) == len("The cat sat.")
+        both = http.post("/predict", json={"inputs": [["", ""]]})
+        assert both.status_code == 422 and both.json()["error"] == "`inputs` cannot be empty"
         assert http.post("/rerank", json={"query": "q", "texts": ["a"]}).status_code == 424
 
 

@@ -421,8 +421,17 @@ def test_info_health_metrics_docs(http: httpx.Client) -> None:
     assert health.status_code == 200 and health.content == b""
     assert http.get("/ping").status_code == 200
 
+    def counter(series: str) -> float:
+        for line in http.get("/metrics").text.splitlines():
+            if line.startswith(series + " "):
+                return float(line.split()[-1])
+        return 0.0
+
     http.post("/embed", json={"inputs": "counted"})
+    batches = counter('te_request_count{method="batch"}')
     http.post("/embed", json={"inputs": []})
+    # As in TEI, an empty batch is a counted request that failed.
+    assert counter('te_request_count{method="batch"}') == batches + 1
     metrics = http.get("/metrics")
     assert metrics.headers["content-type"].startswith("text/plain")
     text = metrics.text
@@ -510,3 +519,15 @@ def test_reject_policy_and_cors(strict_gateway: GatewayProcess) -> None:
         headers={"Origin": "https://evil.example", "Access-Control-Request-Method": "POST"},
     )
     assert "access-control-allow-origin" not in other.headers
+    # A refusal reaches the browser as the 401 it is, and every x-* header is readable.
+    refused = httpx.post(
+        f"{strict_gateway.url}/embed", json={"inputs": "a"}, headers={"Origin": "https://app.example"}
+    )
+    assert refused.status_code == 401
+    assert refused.headers["access-control-allow-origin"] == "https://app.example"
+    served = httpx.post(
+        f"{strict_gateway.url}/embed", json={"inputs": "a"}, headers={**auth, "Origin": "https://app.example"}
+    )
+    exposed = {h.strip() for h in served.headers["access-control-expose-headers"].split(",")}
+    assert {h for h in served.headers if h.startswith("x-")} <= exposed
+    assert len(exposed) == 8

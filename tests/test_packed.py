@@ -23,7 +23,7 @@ import transformers
 
 from embedq.worker.backends import packed
 from embedq.worker.backends.cpu_fusion import fusion_available
-from embedq.worker.backends.torch_backend import TorchBackend, cpu_has_amx
+from embedq.worker.backends.torch_backend import TorchBackend, cpu_has_amx, poisons_device
 from embedq.worker.config import ConfigError, WorkerConfig
 
 from .test_families import FAMILIES, _build
@@ -288,3 +288,26 @@ def test_packed_warmup_primes_the_one_thread_counts(
     with caplog.at_level(logging.INFO, logger="embedq.worker.backends.torch_backend"):
         backend.warmup()
     assert f"warm-up: {4 * limit} matmul kernels" in caplog.text
+
+
+def test_a_device_poisoning_error_in_the_check_is_fatal(
+    monkeypatch: pytest.MonkeyPatch, model_path: Path
+) -> None:
+    """A CUDA error that poisons the context (a device-side assert) must not fall back to
+    the padded path on the same device: the worker refuses to start and says why."""
+    good = _backend(model_path, "auto")
+
+    def device_assert(batch: Any) -> Any:
+        raise torch.AcceleratorError("CUDA error: device-side assert triggered")
+
+    monkeypatch.setattr(good, "_embed_packed", device_assert)
+    with pytest.raises(ConfigError, match="--packing off"):
+        good._check_packing(required=False)
+
+    def out_of_memory(batch: Any) -> Any:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(good, "_embed_packed", out_of_memory)
+    assert good._check_packing(required=False) is False  # recoverable: run padded
+    assert poisons_device(RuntimeError("CUDA error: an illegal memory access was encountered"))
+    assert not poisons_device(RuntimeError("shape mismatch"))

@@ -27,7 +27,7 @@ from embedq.common.wire import Job, pack_job, unpack_reply
 from embedq.redis_server import RedisServer
 from embedq.worker.backends.fake import CRASH_WORD, HANG_WORD, RAISE_WORD
 
-from .helpers import MODEL, start_worker, wait_for_workers
+from .helpers import MODEL, free_port, start_worker, wait_for_workers
 
 FAKE = ("--backend", "fake")
 
@@ -65,6 +65,24 @@ async def test_timeout_when_no_worker_answers(redis_server: RedisServer) -> None
         with pytest.raises(RequestTimeoutError):
             await c.embed("x", timeout=0.5)
         assert time.monotonic() - start < 3
+
+
+async def test_deadline_covers_the_wait_for_a_slot(redis_server: RedisServer) -> None:
+    # One slot, no worker: the second caller's deadline runs out while it waits for the
+    # slot, and neither caller leaves anything behind in the client.
+    r = redis.Redis.from_url(redis_server.url)
+    r.xgroup_create(keys.jobs_stream(MODEL), keys.WORKER_GROUP, id="0", mkstream=True)
+    async with AsyncClient(redis_server.url, model=MODEL, max_in_flight=1) as c:
+        start = time.monotonic()
+        first = asyncio.create_task(c.embed("holds the slot", timeout=0.6))
+        await asyncio.sleep(0.1)
+        with pytest.raises(RequestTimeoutError):
+            await c.embed("waits for it", timeout=0.2)
+        assert time.monotonic() - start < 0.5  # ended by its own deadline, not the first's
+        assert r.xlen(keys.jobs_stream(MODEL)) == 1  # never enqueued
+        with pytest.raises(RequestTimeoutError):
+            await first
+        assert c._in_flight == {} and c._reader is not None and c._reader.in_flight == 0
 
 
 async def test_expired_job_answered_without_compute(redis_server: RedisServer, tmp_path: Path) -> None:
@@ -201,6 +219,14 @@ def test_sync_client(redis_server: RedisServer, tmp_path: Path) -> None:
             assert c.embed([[101, 2023, 102], "a b"]).shape == (2, 384)
     finally:
         worker.stop()
+
+
+def test_sync_client_with_bad_arguments_leaves_no_thread(redis_server: RedisServer) -> None:
+    before = {t.ident for t in threading.enumerate()}
+    for _ in range(3):
+        with pytest.raises(ValueError):
+            Client(redis_server.url, model="bad name!")
+    assert not [t for t in threading.enumerate() if t.ident not in before and t.name == "embedq-client"]
 
 
 async def test_poison_input_fails_only_its_own_job(redis_server: RedisServer, tmp_path: Path) -> None:
@@ -444,28 +470,39 @@ async def test_worker_recovers_from_a_flushed_redis(redis_server: RedisServer, t
         worker.stop()
 
 
-async def test_reply_to_a_non_stream_key_is_dead_lettered(redis_server: RedisServer, tmp_path: Path) -> None:
-    """A reply that can never be written must not stop the worker from answering others."""
+@pytest.mark.parametrize("bad", ["not-a-stream", "past-the-last-id"])
+async def test_reply_that_can_never_be_written_is_dead_lettered(
+    redis_server: RedisServer, tmp_path: Path, bad: str
+) -> None:
+    """A reply that can never be written must not stop the worker from answering others:
+    to a key that is not a stream (WRONGTYPE), or to a stream whose last id is the largest
+    possible (every XADD refused; retrying it held up every later reply)."""
     worker = start_worker(redis_server.url, tmp_path, *FAKE, "--lease-ms", "3000")
     r = redis.Redis.from_url(redis_server.url)
     try:
-        r.set("embedq:reply:not-a-stream", "x")
+        reply_to = f"embedq:reply:{bad}"
+        if bad == "not-a-stream":
+            r.set(reply_to, "x")
+        else:
+            r.xadd(reply_to, {"f": "v"}, id=f"{2**64 - 1}-{2**64 - 1}")
         job = Job(
             id="wt-1",
             kind="embed",
             model=MODEL,
             inputs=["x"],
-            reply_to="embedq:reply:not-a-stream",
+            reply_to=reply_to,
             created_ms=now_ms(),
         )
         r.xadd(keys.jobs_stream(MODEL), {keys.JOB_FIELD: pack_job(job)})
         async with AsyncClient(redis_server.url, model=MODEL, timeout=8) as c:
             assert (await c.embed("answered despite the bad neighbour")).shape == (1, 384)
+            assert (await c.embed("and so is the next one")).shape == (1, 384)
         deadline = time.monotonic() + 5
         while not _dlq(redis_server.url) and time.monotonic() < deadline:
             time.sleep(0.05)
         dead = _dlq(redis_server.url)
-        assert len(dead) == 1 and b"WRONGTYPE" in dead[0][1][b"reason"]
+        why = b"WRONGTYPE" if bad == "not-a-stream" else b"last possible ID"
+        assert len(dead) == 1 and why in dead[0][1][b"reason"]
         deadline = time.monotonic() + 5  # the DLQ entry is written just before the ack
         while (
             r.xpending(keys.jobs_stream(MODEL), keys.WORKER_GROUP)["pending"] and time.monotonic() < deadline
@@ -560,3 +597,111 @@ async def test_client_bounds_its_requests_in_flight(redis_server: RedisServer, t
         assert 1 <= peak <= 3
     finally:
         worker.stop()
+
+
+async def test_worker_waits_out_a_redis_out_of_memory(redis_server: RedisServer, tmp_path: Path) -> None:
+    """maxmemory with noeviction refuses the worker's writes (the batch's suspects, the
+    replies): the worker waits and answers everything once memory is free, instead of
+    exiting with the jobs in hand."""
+    # One job per pass, ~0.1 s each: most jobs are still queued when memory runs out.
+    args = (*FAKE, "--fake-delay-us-per-token", "10000", "--max-batch-requests", "1")
+    worker = start_worker(redis_server.url, tmp_path, *args)
+    r = redis.Redis.from_url(redis_server.url)
+    try:
+        async with AsyncClient(redis_server.url, model=MODEL, timeout=60) as c:
+            calls = [
+                asyncio.create_task(c.embed(f"queued before the limit {i} " + "w " * 6)) for i in range(20)
+            ]
+            while len(c._in_flight) + sum(t.done() for t in calls) < 20:
+                await asyncio.sleep(0.01)
+            r.config_set("maxmemory-policy", "noeviction")
+            r.config_set("maxmemory", "1")  # below what is in use: every denyoom write is refused
+            deadline = time.monotonic() + 30
+            while "out of memory" not in worker.log() and "maxmemory" not in worker.log():
+                assert worker.proc.poll() is None, worker.log()[-2000:]
+                assert time.monotonic() < deadline, worker.log()[-2000:]
+                await asyncio.sleep(0.1)
+            await asyncio.sleep(1.0)
+            assert worker.proc.poll() is None, worker.log()[-2000:]
+            assert not all(t.done() for t in calls)
+            r.config_set("maxmemory", "0")
+            results = await asyncio.gather(*calls)
+            assert all(v.shape == (1, 384) for v in results)
+        assert r.xpending(keys.jobs_stream(MODEL), keys.WORKER_GROUP)["pending"] == 0
+        assert worker.proc.poll() is None
+    finally:
+        r.config_set("maxmemory", "0")
+        worker.stop()
+
+
+def test_a_worker_started_into_out_of_memory_says_so(redis_server: RedisServer, tmp_path: Path) -> None:
+    r = redis.Redis.from_url(redis_server.url)
+    r.config_set("maxmemory-policy", "noeviction")
+    r.config_set("maxmemory", "1")
+    try:
+        worker = start_worker(redis_server.url, tmp_path, *FAKE, wait=False)
+        assert worker.proc.wait(timeout=60) == 1
+        assert "the worker stopped: Redis answered OutOfMemoryError" in worker.log()
+        assert "Traceback" not in worker.log()
+    finally:
+        r.config_set("maxmemory", "0")
+
+
+async def test_worker_survives_its_redis_turning_replica(redis_server: RedisServer, tmp_path: Path) -> None:
+    """A failover demotes the worker's Redis to a read-only replica: the worker keeps
+    retrying its reads (READONLY, UNBLOCKED) and serves again once it is a primary."""
+    worker = start_worker(redis_server.url, tmp_path, *FAKE)
+    r = redis.Redis.from_url(redis_server.url)
+    try:
+        async with AsyncClient(redis_server.url, model=MODEL, timeout=20) as c:
+            assert (await c.embed("before")).shape == (1, 384)
+            # A primary that does not answer: the replica keeps its data, read-only.
+            r.execute_command("REPLICAOF", "127.0.0.1", str(free_port()))
+            deadline = time.monotonic() + 15
+            while "retrying" not in worker.log() and time.monotonic() < deadline:
+                await asyncio.sleep(0.1)
+            await asyncio.sleep(1.0)
+            assert worker.proc.poll() is None, worker.log()[-2000:]
+            r.execute_command("REPLICAOF", "NO", "ONE")
+            assert (await c.embed("after")).shape == (1, 384)
+        assert worker.proc.poll() is None
+    finally:
+        r.execute_command("REPLICAOF", "NO", "ONE")
+        worker.stop()
+
+
+async def test_a_job_queued_before_a_quick_redis_restart_is_sent_again(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """A restart without persistence that is over within redis-py's own retries never
+    fails a read, yet the queued job is gone: the reply reader's new connection is what
+    makes the client send it again."""
+    worker = start_worker(redis_server.url, tmp_path, *FAKE)
+    r = redis.Redis.from_url(redis_server.url)
+    async with AsyncClient(redis_server.url, model=MODEL, timeout=30) as c:
+        assert (await c.embed("warm")).shape == (1, 384)
+        worker.stop()  # nobody reads: the next job stays queued
+        pending = asyncio.create_task(c.embed("queued across the restart"))
+        while not r.xlen(keys.jobs_stream(MODEL)):
+            await asyncio.sleep(0.01)
+        redis_server.kill()
+        redis_server.start()  # same port, no data
+        assert not r.exists(keys.jobs_stream(MODEL))
+        worker = start_worker(redis_server.url, tmp_path, *FAKE)
+        try:
+            assert (await asyncio.wait_for(pending, 20)).shape == (1, 384)
+        finally:
+            worker.stop()
+
+
+async def test_a_stopped_worker_leaves_no_consumer_behind(redis_server: RedisServer, tmp_path: Path) -> None:
+    """Workers under fresh names (an autoscaler's) must not pile up in the group (one
+    that holds entries stays: tests/test_stream.py)."""
+    r = redis.Redis.from_url(redis_server.url)
+    for i in range(3):
+        worker = start_worker(redis_server.url, tmp_path, *FAKE)
+        async with AsyncClient(redis_server.url, model=MODEL, timeout=10) as c:
+            assert (await c.embed(f"round {i}")).shape == (1, 384)
+        assert worker.stop() == 0
+    for stream in (keys.jobs_stream(MODEL, "interactive"), keys.jobs_stream(MODEL, "bulk")):
+        assert r.xinfo_consumers(stream, keys.WORKER_GROUP) == []

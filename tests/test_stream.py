@@ -123,3 +123,16 @@ async def test_a_refused_multi_still_answers_once(setup: Setup) -> None:
         assert r.xlen(reply_to) == 1 and r.xlen(keys.jobs_stream(MODEL)) == 0 and _pending(r) == 0
     finally:
         await limited.aclose()
+
+
+async def test_leaving_keeps_a_consumer_that_holds_entries(setup: Setup) -> None:
+    def consumers() -> list[bytes]:
+        return [c["name"] for c in setup.r.xinfo_consumers(keys.jobs_stream(MODEL), keys.WORKER_GROUP)]
+
+    await setup.stream.leave("w1")
+    assert consumers() == [b"c1"]  # its delivery is still pending: others must be able to claim it
+    await setup.stream.ack([setup.delivery])
+    await setup.stream.leave("w1")
+    assert consumers() == []
+    setup.r.flushall()
+    await setup.stream.leave("w1")  # nothing left to clean: no error

@@ -17,12 +17,47 @@ from typing import cast
 import hiredis
 import redis.asyncio as aioredis
 from redis.asyncio.connection import Connection
-from redis.exceptions import ResponseError
+from redis.exceptions import (
+    BusyLoadingError,
+    ClusterDownError,
+    NoPermissionError,
+    OutOfMemoryError,
+    ReadOnlyError,
+    RedisError,
+    ResponseError,
+    TryAgainError,
+)
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from embedq.common.aio import within
 
 Command = tuple[str | int | float | bytes, ...]
+
+# Error prefixes of refusals that describe the server's state, which passes, not the
+# command (redis-py strips the prefixes it maps to classes, so those go by class).
+_PASSING_STATES = ("BUSY", "MISCONF", "NOREPLICAS", "UNBLOCKED", "MASTERDOWN")
+_PASSING_CLASSES = (
+    OutOfMemoryError,  # maxmemory with noeviction: until memory is freed
+    ReadOnlyError,  # demoted to a replica: until a failover completes
+    BusyLoadingError,  # loading its data after a restart
+    TryAgainError,
+    ClusterDownError,
+    NoPermissionError,  # an ACL being fixed: retrying is the only way to notice
+    RedisConnectionError,
+    RedisTimeoutError,
+    OSError,  # the socket itself
+)
+
+
+def refusal_passes(exc: BaseException) -> bool:
+    """Whether Redis refused for a state of its own that passes (out of memory, a
+    read-only replica, loading, a failing background save...), so that sending the same
+    command later can succeed. False for a refusal of the command itself (WRONGTYPE, a
+    stream past its last possible id), which no retry cures. Connection errors pass."""
+    if isinstance(exc, _PASSING_CLASSES):
+        return True
+    return isinstance(exc, RedisError) and str(exc).split(" ", 1)[0] in _PASSING_STATES
 
 
 async def exchange(redis: aioredis.Redis, commands: Sequence[Command]) -> list[object]:
@@ -41,7 +76,7 @@ async def exchange(redis: aioredis.Redis, commands: Sequence[Command]) -> list[o
     except BaseException as exc:
         # Replies left unread would be taken for the next command's.
         await conn.disconnect(nowait=True)
-        if isinstance(exc, asyncio.TimeoutError):
+        if isinstance(exc, TimeoutError):
             raise RedisTimeoutError("Timeout reading from Redis") from exc
         raise
     finally:

@@ -61,6 +61,7 @@ from embedq.worker.config import WorkerConfig
 from embedq.worker.jobs import ActiveJob, error_reply
 from embedq.worker.metrics import WorkerMetrics
 from embedq.worker.postprocess import check_dimensions
+from embedq.worker.redis_io import refusal_passes
 from embedq.worker.stream import Delivery, JobStream, OutgoingReply
 from embedq.worker.tokenization import EncodeOptions, encode_inputs, encode_scoring_inputs
 
@@ -265,6 +266,10 @@ class Worker:
                 timeout = None if deadline is None else max(0.0, deadline - loop.time())
                 done, _ = await asyncio.wait(watched, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
                 if work in done:
+                    exc = work.exception() if not work.cancelled() else None
+                    if exc is not None:
+                        # A fault like any other: held jobs are released, not left to a lease.
+                        raise WorkerFault(f"the work task failed: {exc!r}") from exc
                     work.result()
                     return
                 if stop in done:
@@ -348,8 +353,11 @@ class Worker:
                         ("interactive",) if full else keys.LANES,
                     )
                     backoff = 0.1
-                except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
-                    log.warning("Redis unreachable while reading (%s); retrying in %.1fs", exc, backoff)
+                except (RedisError, OSError) as exc:
+                    # Unreachable, or refusing for now (a replica after a failover, out of
+                    # memory, loading): keep trying; other refusals are logged louder.
+                    level = logging.WARNING if refusal_passes(exc) else logging.ERROR
+                    log.log(level, "reading jobs failed (%s); retrying in %.1fs", exc, backoff)
                     await asyncio.sleep(backoff)
                     backoff = min(backoff * 2, 5.0)
                     continue
@@ -647,8 +655,14 @@ class Worker:
             try:
                 await self.stream.mark_suspects(deliveries)
                 return
-            except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
-                # Computing unmarked would blame no one for a crash: wait for Redis.
+            except (RedisError, OSError) as exc:
+                if not refusal_passes(exc):
+                    # Refused for good (the suspects key is not a hash...): computing
+                    # unmarked beats never computing; a crash in it blames no one.
+                    log.error("cannot record the batch before computing (%s); computing unmarked", exc)
+                    return
+                # Unreachable or out of memory: computing unmarked would blame no one for
+                # a crash, so wait for Redis.
                 log.warning("cannot record the batch before computing (%s); retrying", exc)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 2.0)
@@ -760,11 +774,12 @@ class Worker:
                 continue
             outgoing = []
             for reply, error in failed:
-                job = self.active.get(reply.delivery.key)
-                if "WRONGTYPE" in str(error) and job is not None:
+                if not refusal_passes(error):
+                    # Refused for good (reply_to is not a stream, or one past its last
+                    # possible id): retrying would hold up every reply after this one.
                     reason = f"cannot reply to {reply.reply_to!r}: {error}"
                     log.warning("dead-lettering entry %s: %s", reply.delivery.entry_id, reason)
-                    await self._safe(self.stream.dead_letter(job.delivery, reason))
+                    await self._safe(self.stream.dead_letter(reply.delivery, reason))
                     self.metrics.dead_lettered("reply_to")
                 else:  # out of memory, read-only replica, loading...: try again later
                     outgoing.append(reply)

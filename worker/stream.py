@@ -85,6 +85,22 @@ return 1
 """
 
 # One more unfinished forward pass for each field (one command for a whole batch).
+# A consumer that holds nothing is removed from the group (each stream in KEYS), so that
+# workers started under new names (an autoscaler's) do not pile up in XINFO CONSUMERS.
+# One script: nothing can be delivered to it between the check and the removal.
+_FORGET_CONSUMER_SCRIPT = """
+local removed = 0
+for i = 1, #KEYS do
+  -- pcall: a stream or group that is gone (a flushed Redis) has nothing to clean.
+  local held = redis.pcall('XPENDING', KEYS[i], ARGV[1], '-', '+', 1, ARGV[2])
+  if type(held) == 'table' and held.err == nil and #held == 0 then
+    redis.call('XGROUP', 'DELCONSUMER', KEYS[i], ARGV[1], ARGV[2])
+    removed = removed + 1
+  end
+end
+return removed
+"""
+
 _MARK_SUSPECTS_SCRIPT = """
 for i = 1, #ARGV do
   redis.call('HINCRBY', KEYS[1], ARGV[i], 1)
@@ -148,6 +164,7 @@ class JobStream:
         self._reply_ttl_ms = reply_ttl_s * 1000
         self._renew = redis.register_script(_RENEW_SCRIPT)
         self._mark_suspects = redis.register_script(_MARK_SUSPECTS_SCRIPT)
+        self._forget_consumer = redis.register_script(_FORGET_CONSUMER_SCRIPT)
         self._reply_and_ack = redis.register_script(_REPLY_AND_ACK_SCRIPT)
         self._info: dict[str, str] | None = None
 
@@ -193,7 +210,10 @@ class JobStream:
         await pipe.execute()
 
     async def leave(self, worker_id: str) -> None:
+        """Drop this worker's heartbeat, and its consumer from the group if it holds
+        nothing (one with pending entries stays, so that they can be claimed)."""
         await self.redis.zrem(keys.workers_key(self.model), worker_id)
+        await self._forget_consumer(keys=list(self.lanes.values()), args=[self.group, self.consumer])
 
     async def _read(self, streams: dict[KeyT, StreamIdT], count: int, block_ms: int | None) -> list[Delivery]:
         try:

@@ -103,8 +103,9 @@ def encode_scoring_inputs(
         raise EmptyInputError("Batch is empty")
     singles: list[tuple[int, str]] = []
     pairs: list[tuple[int, tuple[str, str]]] = []
+    # As in TEI, a pair is empty only when both of its texts are: (query, "") is scored.
     for i, item in enumerate(inputs):
-        if isinstance(item, str) and item:
+        if isinstance(item, str) and (item or query):
             if query is not None:
                 pairs.append((i, (query, item)))
             else:
@@ -113,10 +114,11 @@ def encode_scoring_inputs(
             query is None
             and isinstance(item, list)
             and len(item) == 2
-            and all(isinstance(x, str) and x for x in item)
+            and all(isinstance(x, str) for x in item)
+            and (item[0] or item[1])
         ):
             pairs.append((i, (str(item[0]), str(item[1]))))
-        elif item == "" or (isinstance(item, list) and not item):
+        elif item == "" or (isinstance(item, list) and (not item or item == ["", ""])):
             raise ValidationError("`inputs` cannot be empty")
         else:
             what = "texts" if query is not None else "texts or [text, text] pairs"

@@ -26,7 +26,7 @@ from embedq.producer.async_client import AsyncClient
 from embedq.producer.gateway.config import GatewayConfig
 from embedq.producer.gateway.directory import ModelDirectory
 from embedq.producer.gateway.dispatch import Dispatcher
-from embedq.producer.gateway.http import ApiKeyMiddleware, error_response
+from embedq.producer.gateway.http import TIMING_HEADERS, ApiKeyMiddleware, error_response
 from embedq.producer.gateway.metrics import GatewayMetrics
 from embedq.producer.gateway.routes import VERSION, add_routes
 from embedq.producer.gateway.schemas import REQUEST_MODELS
@@ -110,7 +110,7 @@ def create_app(config: GatewayConfig) -> ASGIApp:
             ):
                 try:
                     await asyncio.wait_for(step, timeout=10)
-                except (asyncio.TimeoutError, RedisError, OSError) as exc:
+                except (TimeoutError, RedisError, OSError) as exc:
                     log.warning("closing the %s failed: %r", name, exc)
 
     app = FastAPI(
@@ -159,16 +159,18 @@ def create_app(config: GatewayConfig) -> ASGIApp:
     hot = add_routes(app, config, directory, dispatcher, metrics)
     _document_bodies(app)
     outer: ASGIApp = HotRoutes(app, hot, on_any)
+    if config.api_key:
+        outer = ApiKeyMiddleware(outer, api_key=config.api_key)
     if config.cors_allow_origin:
+        # Outermost, so that a 401 carries the CORS headers too (a browser would report
+        # a CORS failure instead of the refusal), and preflights need no key.
         outer = CORSMiddleware(
             outer,
             allow_origins=list(config.cors_allow_origin),
             allow_methods=["GET", "POST", "OPTIONS"],
             allow_headers=["*"],
-            expose_headers=["x-compute-type", "x-compute-time", "x-total-time", "x-queue-time"],
+            expose_headers=list(TIMING_HEADERS),
         )
-    if config.api_key:
-        outer = ApiKeyMiddleware(outer, api_key=config.api_key)
     return outer
 
 

@@ -16,8 +16,8 @@ from typing import Any
 import numpy as np
 
 from embedq.common.errors import (
-    BackendError,
     ModelNotServedError,
+    ModelTypeError,
     OverloadedError,
     QueueUnavailableError,
     ValidationError,
@@ -103,7 +103,7 @@ class Dispatcher:
     def admit(self, view: ModelView, kind: JobKind, n_inputs: int) -> None:
         if kind not in view.kinds:
             what = _KIND_NAMES.get(kind, f"a model serving {kind!r}")
-            raise BackendError(f"model {view.name!r} is {_article(view.model_type)} model, not {what}")
+            raise ModelTypeError(f"model {view.name!r} is {_article(view.model_type)} model, not {what}")
         if not self.directory.redis_ok:
             raise QueueUnavailableError("the queue (Redis) cannot be reached")
         if view.live_workers == 0:

@@ -71,6 +71,19 @@ def validate(model: type[M], data: Any) -> M:
         raise ValidationError(f"invalid `{where}`: {err.get('msg', 'invalid value')}") from None
 
 
+# TEI's response headers of the inference routes (the gateway's CORS exposes them all).
+TIMING_HEADERS = (
+    "x-compute-type",
+    "x-compute-time",
+    "x-compute-characters",
+    "x-compute-tokens",
+    "x-total-time",
+    "x-tokenization-time",
+    "x-queue-time",
+    "x-inference-time",
+)
+
+
 def timing_headers(outcome: Outcome, total_ms: float, characters: int) -> dict[str, str]:
     """TEI's x-* headers, in whole milliseconds as TEI writes them (means per input)."""
     queue = outcome.mean_ms("queue_ms")

@@ -40,9 +40,10 @@ FAILURE_REASON = {
     "tokenizer": "tokenization",
     "overloaded": "overloaded",
     "backend": "inference",
+    "model_type": "model_type",
     "timeout": "dropped",
     "unavailable": "dropped",
-    "model_not_served": "model_type",
+    "model_not_served": "validation",
     "unauthorized": "unauthorized",
 }
 

@@ -16,7 +16,7 @@ from redis.exceptions import RedisError
 from starlette.requests import Request
 from starlette.responses import Response
 
-from embedq.common.errors import BackendError, EmptyInputError, ValidationError
+from embedq.common.errors import EmptyInputError, ModelTypeError, ValidationError
 from embedq.common.scores import predictions, rank
 from embedq.common.wire import (
     EmbedAllParams,
@@ -64,8 +64,16 @@ def _body_doc(model: type[Any]) -> dict[str, Any]:
     return {"requestBody": {"required": True, "content": {"application/json": {"schema": ref}}}}
 
 
-def _characters(inputs: list[Input]) -> int:
-    return sum(len(x) for x in inputs if isinstance(x, str))
+def _characters(inputs: list[Input], query: str | None = None) -> int:
+    """x-compute-characters as TEI counts it: every text of a pair, the query once per
+    pair it is in, and one per token id of an input given as ids."""
+    total = len(query) * len(inputs) if query else 0
+    for x in inputs:
+        if isinstance(x, str):
+            total += len(x)
+        else:  # a [text, text] pair, or token ids
+            total += sum(len(t) if isinstance(t, str) else 1 for t in x)
+    return total
 
 
 def _check_dimensions(dimensions: int | None, view: ModelView) -> None:
@@ -130,8 +138,25 @@ def add_routes(
 
         return register
 
+    def counted_inputs(family: str, value: Any, field: str = "inputs") -> tuple[list[Input], bool]:
+        """``as_inputs``, counting the request first as TEI does: an empty batch is a
+        batch request that failed, in te_request_count and te_request_failure both."""
+        try:
+            inputs, batch = as_inputs(value, field)
+        except EmptyInputError:
+            metrics.received(family, True)
+            raise
+        metrics.received(family, batch)
+        return inputs, batch
+
     def finish(
-        family: str, outcome: Outcome, started: float, body: Any, inputs: list[Input], batch: bool
+        family: str,
+        outcome: Outcome,
+        started: float,
+        body: Any,
+        inputs: list[Input],
+        batch: bool,
+        query: str | None = None,
     ) -> Response:
         total_s = time.perf_counter() - started
         log.debug(
@@ -153,7 +178,8 @@ def add_routes(
             tokens=outcome.tokens,
             batch_size=outcome.batch_size,
         )
-        return json_response(body, headers=timing_headers(outcome, total_s * 1000, _characters(inputs)))
+        headers = timing_headers(outcome, total_s * 1000, _characters(inputs, query))
+        return json_response(body, headers=headers)
 
     def embed_params(req: EmbedRequest, view: ModelView) -> dict[str, Any]:
         _check_dimensions(req.dimensions, view)
@@ -170,8 +196,7 @@ def add_routes(
     async def embed(request: Request) -> Response:
         started = time.perf_counter()
         req = validate(EmbedRequest, await read_json(request, config.payload_limit))
-        inputs, batch = as_inputs(req.inputs)
-        metrics.received("embed", batch)
+        inputs, batch = counted_inputs("embed", req.inputs)
         params = embed_params(req, await dispatcher.resolve(None))
         outcome = await dispatcher.run("embed", inputs, params)
         return finish("embed", outcome, started, outcome.vectors(), inputs, batch)
@@ -180,8 +205,7 @@ def add_routes(
     async def embed_all(request: Request) -> Response:
         started = time.perf_counter()
         req = validate(EmbedAllRequest, await read_json(request, config.payload_limit))
-        inputs, batch = as_inputs(req.inputs)
-        metrics.received("embed", batch)
+        inputs, batch = counted_inputs("embed", req.inputs)
         params = EmbedAllParams(
             truncate=req.truncate,
             truncation_direction=_direction(req.truncation_direction),
@@ -197,8 +221,7 @@ def add_routes(
     async def embed_sparse(request: Request) -> Response:
         started = time.perf_counter()
         req = validate(EmbedSparseRequest, await read_json(request, config.payload_limit))
-        inputs, batch = as_inputs(req.inputs)
-        metrics.received("embed", batch)
+        inputs, batch = counted_inputs("embed", req.inputs)
         params = EmbedSparseParams(
             truncate=req.truncate,
             truncation_direction=_direction(req.truncation_direction),
@@ -217,9 +240,9 @@ def add_routes(
     async def rerank(request: Request) -> Response:
         started = time.perf_counter()
         req = validate(RerankRequest, await read_json(request, config.payload_limit))
+        metrics.received("predict", True)  # TEI counts every rerank as a batch, empty ones too
         if not req.texts:
             raise EmptyInputError("`texts` cannot be empty")
-        metrics.received("predict", len(req.texts) > 1)
         params = _rerank_params(req.query, req.truncate, req.truncation_direction)
         texts: list[Input] = list(req.texts)
         outcome = await dispatcher.run("rerank", texts, params)
@@ -230,16 +253,16 @@ def add_routes(
             else {"index": hit.index, "score": hit.score}
             for hit in rank(logits, raw_scores=req.raw_scores)
         ]
-        return finish("predict", outcome, started, body, texts, len(texts) > 1)
+        return finish("predict", outcome, started, body, texts, True, req.query)
 
     @post("/v1/rerank", CohereRerankRequest, "Rerank in the Cohere/Jina shape (top_n, return_documents)")
     async def rerank_v1(request: Request) -> Response:
         started = time.perf_counter()
         req = validate(CohereRerankRequest, await read_json(request, config.payload_limit))
+        metrics.received("predict", True)
         if not req.documents:
             raise EmptyInputError("`documents` cannot be empty")
         docs: list[Input] = [_document_text(d) for d in req.documents]
-        metrics.received("predict", len(docs) > 1)
         view = await dispatcher.resolve(req.model)
         params = _rerank_params(req.query, req.truncate, "right")
         outcome = await dispatcher.run("rerank", docs, params, model=view.name)
@@ -256,7 +279,7 @@ def add_routes(
             "results": results,
             "usage": {"total_tokens": sum(outcome.token_counts())},
         }
-        return finish("predict", outcome, started, body, docs, len(docs) > 1)
+        return finish("predict", outcome, started, body, docs, True, req.query)
 
     @post("/predict", PredictRequest, "Sequence classification of texts or text pairs")
     async def predict(request: Request) -> Response:
@@ -267,12 +290,12 @@ def add_routes(
             and len(req.inputs) == 2
             and all(isinstance(x, str) for x in req.inputs)
         )
+        metrics.received("predict", not single)
         if isinstance(req.inputs, list) and not req.inputs:
             raise EmptyInputError("Batch is empty")
         if not isinstance(req.inputs, str | list):
             raise ValidationError("`inputs` must be a text, a [text, text] pair, or a list of those")
         items: list[Input] = predict_inputs(req.inputs)
-        metrics.received("predict", not single)
         params = PredictParams(
             truncate=req.truncate,
             truncation_direction=_direction(req.truncation_direction),
@@ -289,6 +312,7 @@ def add_routes(
     async def similarity(request: Request) -> Response:
         started = time.perf_counter()
         req = validate(SimilarityRequest, await read_json(request, config.payload_limit))
+        metrics.received("embed", True)
         if not req.inputs.sentences:
             raise EmptyInputError("`sentences` cannot be empty")
         p = req.parameters
@@ -299,7 +323,6 @@ def add_routes(
             prompt_name=p.prompt_name if p else None,
         ).model_dump(exclude_defaults=True)
         inputs: list[Input] = [req.inputs.source_sentence, *req.inputs.sentences]
-        metrics.received("embed", True)
         outcome = await dispatcher.run("embed", inputs, params)
         vectors = outcome.vectors()
         scores = vectors[1:] @ vectors[0]
@@ -353,18 +376,17 @@ def add_routes(
             view.model_type
         )
         if route is None:
-            raise BackendError(f"model {view.name!r} is a {view.model_type} model, which / cannot route")
+            raise ModelTypeError(f"model {view.name!r} is a {view.model_type} model, which / cannot route")
         return await route(request)
 
     # --------------------------------------------------------------- OpenAI routes
     async def openai_embeddings(request: Request) -> Response:
         started = time.perf_counter()
         req = validate(OpenAIEmbeddingsRequest, await read_json(request, config.payload_limit))
-        inputs, batch = as_inputs(req.input, field="input")
+        inputs, batch = counted_inputs("embed", req.input, field="input")
         view = await dispatcher.resolve(req.model)
         _check_dimensions(req.dimensions, view)
         params = EmbedParams(dimensions=req.dimensions).model_dump(exclude_defaults=True)
-        metrics.received("embed", batch)
         outcome = await dispatcher.run("embed", inputs, params, model=view.name)
         vectors = outcome.vectors()
         if req.encoding_format == "base64":

@@ -179,6 +179,18 @@ PACKED_WARMUP_MAX_TOKENS = 256
 WARMUP_SINGLE_MAX_TOKENS = 128
 
 
+def poisons_device(exc: BaseException) -> bool:
+    """Whether an error leaves the process's accelerator context unusable (a CUDA
+    device-side assert, an illegal memory access), so that nothing more can run on that
+    device in this process. Out of memory does not: torch raises it as its own class."""
+    if isinstance(exc, torch.OutOfMemoryError):
+        return False
+    accelerator_error = getattr(torch, "AcceleratorError", None)  # torch >= 2.8
+    if accelerator_error is not None and isinstance(exc, accelerator_error):
+        return True
+    return isinstance(exc, RuntimeError) and "CUDA error" in str(exc)
+
+
 def choose_int8_kernel(requested: Int8KernelName) -> Int8Kernel:
     """The int8 matmul for --int8-kernel: ``torch._int_mm`` where the CPU has VNNI or AMX
     (per-token scales, the measured quality bound), fbgemm elsewhere: without VNNI
@@ -455,6 +467,14 @@ class TorchBackend:
             if not cos >= floor:
                 problem = f"min cosine {cos:.5f} to the padded path (needs {floor})"
         except Exception as exc:  # any failure of the kernel means: do not use it
+            if poisons_device(exc):
+                # A device-side assert or an illegal address leaves this process's CUDA
+                # context unusable: the padded fallback would fail too, less clearly.
+                raise ConfigError(
+                    f"the packed path's start check failed on {self.device} with an error that "
+                    f"leaves the device unusable in this process ({type(exc).__name__}: {exc}); "
+                    "start the worker with --packing off"
+                ) from exc
             problem = f"{type(exc).__name__}: {exc}"
         if not problem:
             log.info("packed batches: checked against padded ones at lengths %s", lengths)
