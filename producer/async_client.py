@@ -121,8 +121,6 @@ class AsyncClient:
         self._in_flight: dict[str, tuple[str, bytes]] = {}
         # Request streams this client has queued to (see _enqueue).
         self._known_streams: set[str] = set()
-        # Connections the reply reader has made (see _reader_connected).
-        self._reader_connections = 0
         # Resubmissions under way (a reference keeps each task alive until it ends).
         self._background: set[asyncio.Task[None]] = set()
         if max_in_flight < 1:
@@ -151,6 +149,7 @@ class AsyncClient:
         self._submitter = Submitter(self._redis)
         if self.cache_ttl_s:
             self.cache = EmbeddingCache(self._redis, ttl_s=self.cache_ttl_s)
+        self._reader.on_reconnect = self._resubmit_in_flight
         self._reader.start()
         self._submitter.start()
 
@@ -195,13 +194,16 @@ class AsyncClient:
         await self.start()
         model = keys.check_model_name(model or self.model)
         if self.cache is not None and cacheable(kind, inputs):
+            # One deadline over the cache's reads and writes and the fetch of what it
+            # lacks: a stalled Redis must not hold a caller past its timeout, and the
+            # job carries what is left of it (so a worker never computes it too late).
+            seconds = self.timeout if timeout is None else timeout
+            ends = time.monotonic() + seconds
 
             async def fetch(missing: list[Any]) -> Reply:
-                return await self._request(kind, missing, params, model, timeout, lane)
+                left = max(ends - time.monotonic(), 0.001) if seconds > 0 else 0
+                return await self._request(kind, missing, params, model, left, lane)
 
-            # One deadline over the cache's reads and writes and the fetch of what it
-            # lacks: a stalled Redis must not hold a caller past its timeout.
-            seconds = self.timeout if timeout is None else timeout
             try:
                 async with asyncio.timeout(seconds if seconds > 0 else None):
                     return await self.cache.embed(model, inputs, params, fetch)
@@ -295,12 +297,11 @@ class AsyncClient:
             backoff = min(backoff * 2, 2.0)
 
     def _reader_connected(self) -> None:
-        # The first connection is the start; any later one replaces a broken one. A
-        # restart without persistence can take a fraction of a second, which redis-py's
-        # own retries hide from the reads: the new connection is the one sign of it.
-        self._reader_connections += 1
-        if self._reader_connections > 1:
-            self._resubmit_in_flight()
+        # A restart without persistence can take a fraction of a second, which redis-py's
+        # own retries hide from the reads: the reader's new connection is the one sign
+        # of it (ReplyReader.connected), and leads to _resubmit_in_flight.
+        if self._reader is not None:
+            self._reader.connected()
 
     def _resubmit_in_flight(self) -> None:
         """After Redis came back, send every job still awaiting its reply again (same

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from typing import TypeAlias, cast
 
 import redis.asyncio as aioredis
@@ -38,6 +39,10 @@ class ReplyReader:
         self._since_trim = 0
         self._closing = False
         self.duplicates_dropped = 0
+        # Called after the first read that works on a new connection (see connected).
+        self.on_reconnect: Callable[[], None] | None = None
+        self._connections = 0
+        self._reconnected = False
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="embedq-replies")
@@ -51,6 +56,16 @@ class ReplyReader:
             if not fut.done():
                 fut.set_exception(QueueUnavailableError("the client was closed"))
         self._waiters.clear()
+
+    def connected(self) -> None:
+        """The reader's connection was (re)made. Every connection after the first
+        replaces a broken one: Redis restarted, failed over or was unreachable, and may
+        have lost queued jobs. ``on_reconnect`` runs after the next read that works, once
+        however many connections a Redis still loading its data took (it accepts
+        connections and answers LOADING)."""
+        self._connections += 1
+        if self._connections > 1:
+            self._reconnected = True
 
     def expect(self, request_id: str) -> asyncio.Future[Reply]:
         fut: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
@@ -77,6 +92,10 @@ class ReplyReader:
                 if failing:
                     log.info("reply stream readable again")
                 failing = False
+                if self._reconnected:
+                    self._reconnected = False
+                    if self.on_reconnect is not None:
+                        self.on_reconnect()
             except RedisError as exc:
                 failing = True
                 log.warning("reply stream read failed (%s); retrying in %.1fs", exc, backoff)

@@ -12,6 +12,7 @@ import msgpack
 import numpy as np
 import pytest
 import redis
+import redis.asyncio as aioredis
 
 from embedq import (
     AsyncClient,
@@ -24,6 +25,7 @@ from embedq import (
 from embedq.common import keys
 from embedq.common.ids import now_ms
 from embedq.common.wire import Job, pack_job, unpack_reply
+from embedq.producer.replies import ReplyReader
 from embedq.redis_server import RedisServer
 from embedq.worker.backends.fake import CRASH_WORD, HANG_WORD, RAISE_WORD
 
@@ -705,3 +707,26 @@ async def test_a_stopped_worker_leaves_no_consumer_behind(redis_server: RedisSer
         assert worker.stop() == 0
     for stream in (keys.jobs_stream(MODEL, "interactive"), keys.jobs_stream(MODEL, "bulk")):
         assert r.xinfo_consumers(stream, keys.WORKER_GROUP) == []
+
+
+async def test_many_reconnections_resubmit_once(redis_server: RedisServer) -> None:
+    """A Redis still loading its data accepts connections and answers LOADING, so a
+    reader may reconnect several times before a read works: the jobs in flight are sent
+    again once, after that read, not once per connection (each copy would be computed)."""
+    client = aioredis.Redis.from_url(redis_server.url)
+    reader = ReplyReader(client, keys.reply_stream("test-reconnects"))
+    calls: list[int] = []
+    reader.on_reconnect = lambda: calls.append(1)
+    for _ in range(5):  # the first is the start; four reconnections while reads failed
+        reader.connected()
+    assert calls == []
+    reader.start()
+    try:
+        deadline = time.monotonic() + 5
+        while not calls and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(1.5)  # more reads (one blocking second each): no more calls
+        assert calls == [1]
+    finally:
+        await reader.close()
+        await client.aclose()

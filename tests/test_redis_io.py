@@ -7,11 +7,12 @@ import asyncio
 
 import pytest
 import redis.asyncio as aioredis
+from redis._parsers.base import BaseParser
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from embedq.redis_server import RedisServer
-from embedq.worker.redis_io import exchange
+from embedq.worker.redis_io import exchange, refusal_passes
 
 
 async def test_replies_in_order_with_errors_in_place(redis_server: RedisServer) -> None:
@@ -52,3 +53,27 @@ async def test_a_cancelled_exchange_drops_the_connection(redis_server: RedisServ
         await _stale_reply_check(client)
     finally:
         await client.aclose()
+
+
+@pytest.mark.parametrize(
+    ("reply", "passes"),
+    [
+        ("OOM command not allowed when used memory > 'maxmemory'.", True),
+        ("READONLY You can't write against a read only replica.", True),
+        ("LOADING Redis is loading the dataset in memory", True),
+        ("MISCONF Redis is configured to save RDB snapshots, but it's currently unable to persist", True),
+        ("BUSY Redis is busy running a script.", True),
+        ("UNBLOCKED force unblock from blocking operation, instance state changed", True),
+        ("NOPERM User worker has no permissions to run the 'hincrby' command", True),
+        ("EXECABORT Transaction discarded because of: OOM command not allowed when used memory", True),
+        ("EXECABORT Transaction discarded because of previous errors.", False),
+        ("WRONGTYPE Operation against a key holding the wrong kind of value", False),
+        ("ERR The stream has exhausted the last possible ID, unable to add more items", False),
+        ("NOGROUP No such key 'k' or consumer group 'g'", False),
+    ],
+)
+def test_which_refusals_pass(reply: str, passes: bool) -> None:
+    """Errors as redis-py's parser builds them from Redis's replies (it strips the
+    prefixes it maps to classes): out of memory, a replica, loading... pass; a refusal
+    of the command itself does not."""
+    assert refusal_passes(BaseParser.parse_error(reply)) is passes

@@ -20,6 +20,7 @@ from redis.asyncio.connection import Connection
 from redis.exceptions import (
     BusyLoadingError,
     ClusterDownError,
+    ExecAbortError,
     NoPermissionError,
     OutOfMemoryError,
     ReadOnlyError,
@@ -37,6 +38,8 @@ Command = tuple[str | int | float | bytes, ...]
 # Error prefixes of refusals that describe the server's state, which passes, not the
 # command (redis-py strips the prefixes it maps to classes, so those go by class).
 _PASSING_STATES = ("BUSY", "MISCONF", "NOREPLICAS", "UNBLOCKED", "MASTERDOWN")
+# The same states as an EXEC refused whole names them ("... because of: OOM ...").
+_PASSING_PREFIXES = (*_PASSING_STATES, "OOM", "READONLY", "LOADING", "TRYAGAIN", "CLUSTERDOWN", "NOPERM")
 _PASSING_CLASSES = (
     OutOfMemoryError,  # maxmemory with noeviction: until memory is freed
     ReadOnlyError,  # demoted to a replica: until a failover completes
@@ -57,6 +60,9 @@ def refusal_passes(exc: BaseException) -> bool:
     stream past its last possible id), which no retry cures. Connection errors pass."""
     if isinstance(exc, _PASSING_CLASSES):
         return True
+    if isinstance(exc, ExecAbortError):  # EXEC refused for a state that arose after MULTI
+        _, _, why = str(exc).partition("because of: ")
+        return why.split(" ", 1)[0].lstrip("-") in _PASSING_PREFIXES
     return isinstance(exc, RedisError) and str(exc).split(" ", 1)[0] in _PASSING_STATES
 
 

@@ -24,7 +24,7 @@ from typing import Any, cast
 import numpy as np
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
+from redis.exceptions import NoPermissionError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from embedq.common import keys, tracing
@@ -656,9 +656,10 @@ class Worker:
                 await self.stream.mark_suspects(deliveries)
                 return
             except (RedisError, OSError) as exc:
-                if not refusal_passes(exc):
-                    # Refused for good (the suspects key is not a hash...): computing
-                    # unmarked beats never computing; a crash in it blames no one.
+                if not refusal_passes(exc) or isinstance(exc, NoPermissionError):
+                    # Refused for good (the suspects key is not a hash, an ACL without
+                    # it...): computing unmarked beats holding the jobs (their leases are
+                    # renewed) for ever; a crash in it blames no one.
                     log.error("cannot record the batch before computing (%s); computing unmarked", exc)
                     return
                 # Unreachable or out of memory: computing unmarked would blame no one for

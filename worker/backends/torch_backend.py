@@ -183,7 +183,7 @@ def poisons_device(exc: BaseException) -> bool:
     """Whether an error leaves the process's accelerator context unusable (a CUDA
     device-side assert, an illegal memory access), so that nothing more can run on that
     device in this process. Out of memory does not: torch raises it as its own class."""
-    if isinstance(exc, torch.OutOfMemoryError):
+    if isinstance(exc, torch.cuda.OutOfMemoryError):  # torch.OutOfMemoryError since 2.5
         return False
     accelerator_error = getattr(torch, "AcceleratorError", None)  # torch >= 2.8
     if accelerator_error is not None and isinstance(exc, accelerator_error):
