@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Coroutine, Iterable, Iterator, Sequence
+import weakref
+from collections.abc import AsyncGenerator, Coroutine, Iterable, Iterator, Sequence
 from typing import Any, TypeVar
 
 import numpy as np
@@ -22,6 +23,8 @@ class Client:
     def __init__(
         self, redis_url: str = DEFAULT_REDIS_URL, *, model: str = DEFAULT_MODEL_NAME, **kwargs: Any
     ) -> None:
+        # embed_many generators not yet closed (closed by close()).
+        self._generators: weakref.WeakSet[AsyncGenerator[np.ndarray, None]] = weakref.WeakSet()
         # Built first: bad arguments raise before a loop thread exists to be left behind.
         self._async = AsyncClient(redis_url, model=model, **kwargs)
         self._loop = asyncio.new_event_loop()
@@ -54,6 +57,7 @@ class Client:
 
     def embed_many(self, texts: Iterable[str], **params: Any) -> Iterator[np.ndarray]:
         agen = self._async.embed_many(texts, **params)
+        self._generators.add(agen)
         try:
             while True:
                 try:
@@ -61,7 +65,8 @@ class Client:
                 except StopAsyncIteration:
                     return
         finally:
-            if not self._loop.is_closed():  # else close() ended the generator's calls already
+            self._generators.discard(agen)
+            if not self._loop.is_closed():  # else close() closed the generator already
                 self._call(agen.aclose())
 
     @property
@@ -75,6 +80,11 @@ class Client:
     def close(self) -> None:
         if self._loop.is_closed():
             return
+        # Generators left open end on their own loop while it runs (their in-flight
+        # chunks are cancelled), not in a finalizer that finds the loop closed.
+        for agen in list(self._generators):
+            self._call(agen.aclose())
+        self._generators.clear()
         self._call(self._async.close())
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=5)

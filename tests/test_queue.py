@@ -200,6 +200,7 @@ async def test_embed_many_keeps_order_and_bounds_in_flight(redis_server: RedisSe
         worker.stop()
 
 
+@pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")
 def test_sync_client(redis_server: RedisServer, tmp_path: Path) -> None:
     worker = start_worker(redis_server.url, tmp_path, *FAKE)
     try:
@@ -219,6 +220,10 @@ def test_sync_client(redis_server: RedisServer, tmp_path: Path) -> None:
                 with pytest.raises(ValidationError, match="texts or lists of token ids"):
                     c.embed(bad)  # type: ignore[arg-type]
             assert c.embed([[101, 2023, 102], "a b"]).shape == (2, 384)
+            # A generator left open past close(): closing it later raises nothing.
+            unfinished = c.embed_many((f"u{i}" for i in range(20)), chunk_size=4)
+            assert next(unfinished).shape == (4, 384)
+        unfinished.close()
     finally:
         worker.stop()
 
