@@ -225,6 +225,28 @@ def pack_reply(reply: Reply) -> bytes:
     return encode(reply.model_dump(mode="python", exclude_none=True))
 
 
+def pack_result_reply(
+    request_id: str,
+    field: Literal["embed", "scores"],
+    *,
+    dtype: Literal["float32", "float16"],
+    shape: tuple[int, int],
+    data: bytes,
+    token_counts: list[int],
+    meta: dict[str, Any],
+    labels: list[str] | None = None,
+) -> bytes:
+    """The bytes of ``pack_reply(Reply(ok=True, <field>=EmbedResult(...), ...))``, built
+    without the models: a worker's own values need no validation, and this is its hot
+    path (~2 µs a reply against ~9). ``meta`` holds ReplyMeta's fields."""
+    result = {"dtype": dtype, "shape": shape, "data": data, "token_counts": token_counts}
+    reply: dict[str, Any] = {"v": WIRE_VERSION, "id": request_id, "ok": True, field: result}
+    if labels is not None:
+        reply["labels"] = labels
+    reply["meta"] = meta
+    return encode(reply)
+
+
 def unpack_job(raw: bytes, limits: DecodeLimits = DEFAULT_LIMITS) -> Job:
     """Decode and validate a job; raises ProtocolError with a readable reason."""
     obj = decode(raw, limits)

@@ -6,14 +6,18 @@ import asyncio
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 
 from embedq.common.errors import ModelNotServedError, ValidationError
 from embedq.common.settings import RedisSettings
+from embedq.common.wire import Job, pack_reply, unpack_reply
 from embedq.redis_server import RedisServer
 from embedq.worker.backends.fake import FakeBackend
 from embedq.worker.config import WorkerConfig
+from embedq.worker.jobs import ActiveJob
 from embedq.worker.service import Worker, WorkerFault, _ids_only, _isolate_redelivered, _Seq
+from embedq.worker.stream import Delivery
 
 
 def _seq(job: object, i: int) -> _Seq:
@@ -164,3 +168,50 @@ async def test_padding_efficiency_counts_computed_tokens(
         await worker.redis.aclose()
     assert worker.batches_run == 1
     assert (worker.real_tokens, worker.padded_tokens) == (9, computed)
+
+
+def _held(kind: str, params: dict[str, object], *, inputs: int = 2, error: bool = False) -> ActiveJob:
+    job = Job(
+        id="r-1",
+        kind=kind,
+        model="m",
+        inputs=["a"] * inputs,
+        params=params,
+        reply_to="embedq:reply:c",
+        created_ms=1,
+    )  # type: ignore[arg-type]
+    held = ActiveJob(delivery=Delivery(b"1-0", {}, deliveries=2), job=job, params=job.typed_params())
+    held.queue_ms, held.tokenize_ms, held.infer_ms, held.batch_size = 1.23456, 0.5, 2.0, 7
+    held.start([3, 5][:inputs], 4)
+    assert held.pooled is not None
+    held.pooled[:] = np.arange(held.pooled.size, dtype=np.float32).reshape(held.pooled.shape) - 3
+    if kind in ("rerank", "predict"):
+        held.labels = ["LABEL_0", "LABEL_1", "LABEL_2", "LABEL_3"]
+    if error:
+        held.error = ValidationError("bad")
+    return held
+
+
+@pytest.mark.parametrize(
+    ("kind", "params", "error"),
+    [
+        ("embed", {}, False),
+        ("embed", {"normalize": False, "encoding": "float16", "dimensions": 2}, False),
+        ("embed", {}, True),
+        ("predict", {}, False),
+        ("rerank", {"query": "q"}, False),
+    ],
+)
+def test_packed_reply_is_the_models_reply(kind: str, params: dict[str, object], error: bool) -> None:
+    # The worker's hot path packs replies without the models: same map, and it validates.
+    held = _held(kind, params, error=error)
+    packed = held.packed_reply("w-1")
+    # Byte for byte: keys in the models' order, and the same wire types.
+    assert packed == pack_reply(held.reply("w-1"))
+    reply = unpack_reply(packed)
+    assert reply.ok is not error and reply.meta is not None
+    assert (reply.meta.queue_ms, reply.meta.tokens, reply.meta.deliveries) == (1.235, 8, 2)
+    if not error:
+        result = reply.scores if kind != "embed" else reply.embed
+        assert result is not None and result.token_counts == [3, 5]
+        assert result.shape == ((2, 2) if params.get("dimensions") else (2, 4))

@@ -23,6 +23,8 @@ from embedq.common.wire import (
     ReplyMeta,
     SparseVector,
     TokenList,
+    pack_reply,
+    pack_result_reply,
 )
 from embedq.worker.postprocess import finish_vectors
 from embedq.worker.stream import Delivery
@@ -75,15 +77,50 @@ class ActiveJob:
         else:
             self.pooled = np.empty((len(token_counts), dim), dtype=np.float32)
 
+    def meta_fields(self, worker: str) -> dict[str, Any]:
+        """ReplyMeta's fields, as the wire carries them."""
+        return {
+            "worker": worker,
+            "queue_ms": round(self.queue_ms, 3),
+            "tokenize_ms": round(self.tokenize_ms, 3),
+            "infer_ms": round(self.infer_ms, 3),
+            "batch_size": self.batch_size,
+            "tokens": sum(self.token_counts),
+            "deliveries": self.delivery.deliveries,
+        }
+
     def meta(self, worker: str) -> ReplyMeta:
-        return ReplyMeta(
-            worker=worker,
-            queue_ms=round(self.queue_ms, 3),
-            tokenize_ms=round(self.tokenize_ms, 3),
-            infer_ms=round(self.infer_ms, 3),
-            batch_size=self.batch_size,
-            tokens=sum(self.token_counts),
-            deliveries=self.delivery.deliveries,
+        return ReplyMeta(**self.meta_fields(worker))
+
+    def packed_reply(self, worker: str) -> bytes:
+        """The reply's wire bytes: pooled embeddings and scores, the bulk of all replies,
+        are packed without building the models; other kinds go through ``reply``."""
+        if self.error is not None or self.pooled is None or self.token_rows is not None:
+            return pack_reply(self.reply(worker))
+        if self.job.kind in SCORE_KINDS:
+            return pack_result_reply(
+                self.job.id,
+                "scores",
+                dtype="float32",
+                shape=(int(self.pooled.shape[0]), int(self.pooled.shape[1])),
+                data=vectors_to_bytes(self.pooled, "float32"),
+                token_counts=self.token_counts,
+                meta=self.meta_fields(worker),
+                labels=self.labels,
+            )
+        if self.job.kind != "embed" or not isinstance(self.params, EmbedParams):
+            return pack_reply(self.reply(worker))
+        vectors = finish_vectors(
+            self.pooled, dimensions=self.params.dimensions, normalize=self.params.normalize
+        )
+        return pack_result_reply(
+            self.job.id,
+            "embed",
+            dtype=self.params.encoding,
+            shape=(int(vectors.shape[0]), int(vectors.shape[1])),
+            data=vectors_to_bytes(vectors, self.params.encoding),
+            token_counts=self.token_counts,
+            meta=self.meta_fields(worker),
         )
 
     def reply(self, worker: str) -> Reply:

@@ -87,6 +87,8 @@ READ_BLOCK_MS = 1000
 # BatchLimits.max_padding_ratio): with few requests waiting, lengths vary widely.
 CPU_MAX_PADDING_RATIO = 1.25
 FULL_READ_BLOCK_MS = 50
+# A job's params until its own are validated at admission (frozen, so one is shared).
+_NO_PARAMS = EmbedParams()
 
 
 @dataclass(eq=False, slots=True)
@@ -434,7 +436,7 @@ class Worker:
             await self._reject(d, raw, exc, "undecodable")
             return None
 
-        active = ActiveJob(delivery=d, job=job, params=EmbedParams())
+        active = ActiveJob(delivery=d, job=job, params=_NO_PARAMS)
         active.queue_ms = max(0.0, now_ms() - job.created_ms)
         self.metrics.admitted(active.queue_ms / 1000, d.deliveries)
         if self._tracer is not None:
@@ -744,9 +746,7 @@ class Worker:
             jobs = [await self._replies.get()]
             while not self._replies.empty() and len(jobs) < 256:
                 jobs.append(self._replies.get_nowait())
-            outgoing = [
-                OutgoingReply(j.delivery, j.job.reply_to, pack_reply(j.reply(self.name))) for j in jobs
-            ]
+            outgoing = [OutgoingReply(j.delivery, j.job.reply_to, j.packed_reply(self.name)) for j in jobs]
             await self._deliver(outgoing)
             self._count("jobs_answered", len(jobs))
             self._count("inputs_answered", sum(len(j.job.inputs) for j in jobs))
