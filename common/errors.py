@@ -12,7 +12,8 @@
     ├── BackendError              the model failed                             (TEI: Backend, 424)
     ├── RequestTimeoutError       the deadline passed before an answer         (504)
     ├── ProtocolError             a message that cannot be decoded             (422)
-    └── QueueUnavailableError     Redis cannot be reached                      (503)
+    ├── QueueUnavailableError     Redis cannot be reached                      (503)
+    └── ClientIdInUseError        an explicit SDK client_id another client holds
 
 Every error crosses the queue as ``(code, message)`` and is rebuilt on the other side
 by :func:`error_from_wire`, so a caller always catches the same class the worker raised.
@@ -114,6 +115,13 @@ class QueueUnavailableError(EmbedqError):
     http_status = 503
 
 
+class ClientIdInUseError(EmbedqError):
+    """Raised by the SDK's start: two clients on one reply stream drop each other's replies."""
+
+    code = "client_id_in_use"
+    http_status = 409
+
+
 _BY_CODE: dict[str, type[EmbedqError]] = {
     cls.code: cls
     for cls in (
@@ -131,6 +139,7 @@ _BY_CODE: dict[str, type[EmbedqError]] = {
         RequestTimeoutError,
         ProtocolError,
         QueueUnavailableError,
+        ClientIdInUseError,
     )
 }
 

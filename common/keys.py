@@ -90,6 +90,13 @@ def reply_stream(client_id: str) -> str:
     return f"{PREFIX}:reply:{check_client_id(client_id)}"
 
 
+def client_lease(client_id: str) -> str:
+    """The lease that keeps an explicit client id to one client (producer/lease.py).
+    Under the reply stream's name, so the ACL pattern of a user's replies covers it;
+    ``#`` is outside the client-id alphabet, so no reply stream has this name."""
+    return f"{reply_stream(client_id)}#lease"
+
+
 def is_reply_stream(key: str) -> bool:
     """True for a key shaped like a reply stream: the only keys a worker writes replies to."""
     return key.startswith(f"{PREFIX}:reply:") and 0 < len(key) <= 256

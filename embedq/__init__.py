@@ -7,6 +7,7 @@ The public SDK::
 
 from embedq.common.errors import (
     BackendError,
+    ClientIdInUseError,
     EmbedqError,
     EmptyInputError,
     ModelNotServedError,
@@ -27,6 +28,7 @@ __all__ = [
     "AsyncClient",
     "BackendError",
     "Client",
+    "ClientIdInUseError",
     "EmbedqError",
     "EmptyInputError",
     "ModelNotServedError",

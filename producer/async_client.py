@@ -52,6 +52,7 @@ from embedq.common.wire import (
     pack_job,
 )
 from embedq.producer.cache import EmbeddingCache, cacheable
+from embedq.producer.lease import ClientLease
 from embedq.producer.replies import ReplyReader
 from embedq.producer.submitter import Submitter
 
@@ -106,12 +107,18 @@ class AsyncClient:
         redis_settings: RedisSettings | None = None,
         cache_ttl_s: int = 0,
         max_in_flight: int = 4096,
+        lease_client_id: bool | None = None,
     ) -> None:
         self.model = keys.check_model_name(model)
         self.timeout = timeout
         self._settings = redis_settings or RedisSettings.from_env(redis_url, max_connections=max_connections)
         user = redis_username(self._settings.url)
         self.client_id = keys.check_client_id(client_id or new_client_id("sdk", user=user))
+        # An explicit id is leased, so a second client cannot share its reply stream.
+        # (None: only an id the caller chose; a random one cannot be shared.)
+        self._leased = client_id is not None if lease_client_id is None else lease_client_id
+        self._lease: ClientLease | None = None
+        self._start_lock = asyncio.Lock()
         self._redis: aioredis.Redis | None = None
         self._reader_redis: aioredis.Redis | None = None
         self._reader: ReplyReader | None = None
@@ -136,6 +143,11 @@ class AsyncClient:
     async def start(self) -> None:
         if self._reader is not None:
             return
+        async with self._start_lock:  # concurrent first requests: one start
+            if self._reader is None:
+                await self._start()
+
+    async def _start(self) -> None:
         self._redis = connect(self._settings, name=f"embedq-sdk:{self.client_id}")
         # The blocking XREAD gets a connection of its own, always open: each time it is
         # made again, Redis was down, restarted or failed over, and queued jobs may be gone.
@@ -145,6 +157,16 @@ class AsyncClient:
             max_connections=1,
             on_connect=self._reader_connected,
         )
+        if self._leased:
+            lease = ClientLease(self._redis, self.client_id)
+            try:
+                await lease.acquire()
+            except BaseException:
+                await self._redis.aclose()
+                await self._reader_redis.aclose()
+                self._redis = self._reader_redis = None
+                raise
+            self._lease = lease
         self._reader = ReplyReader(self._reader_redis, keys.reply_stream(self.client_id))
         self._submitter = Submitter(self._redis)
         if self.cache_ttl_s:
@@ -159,6 +181,9 @@ class AsyncClient:
             await self._submitter.close()
         if self._reader is not None:
             await self._reader.close()
+        if self._lease is not None:
+            await self._lease.release()
+            self._lease = None
         for r in (self._redis, self._reader_redis):
             if r is not None:
                 await r.aclose()

@@ -119,6 +119,9 @@ def test_each_role_does_its_job_and_nothing_more(acl_redis: AclRedis, tmp_path: 
         assert client.embed([f"text {i}" for i in range(32)]).shape == (32, 384)
         assert sum(len(v) for v in client.embed_many(["a", "b", "c"], chunk_size=2)) == 3
         own_replies = client.reply_stream
+    # An explicit client id is leased under the user's reply prefix (GET/SET granted).
+    with Client(acl_redis.url("producer"), model=MODEL, client_id="producer.fixed-acl") as client:
+        assert client.embed(["leased"]).shape == (1, 384)
 
     # gateway: /embed, /health and /metrics through its own user.
     gateway = start_gateway(acl_redis.url("gateway"), tmp_path, "--embedding-cache-ttl", "60")
@@ -160,6 +163,8 @@ def test_each_role_does_its_job_and_nothing_more(acl_redis: AclRedis, tmp_path: 
     _denied(producer.hset, keys.model_info_key(MODEL), "dim", "3")
     _denied(producer.flushall)
     _denied(producer.keys, "*")
+    _denied(producer.set, "embedq:models", "x")  # SET only under its own reply prefix
+    _denied(producer.set, "embedq:reply:gateway.x-1#lease", "x")
     _denied(producer.config_get, "requirepass")
     assert producer.xtrim(own_replies, maxlen=0) >= 0  # its own replies: allowed
 

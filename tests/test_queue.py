@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -18,6 +20,7 @@ from embedq import (
     AsyncClient,
     BackendError,
     Client,
+    ClientIdInUseError,
     ModelNotServedError,
     RequestTimeoutError,
     ValidationError,
@@ -25,6 +28,7 @@ from embedq import (
 from embedq.common import keys
 from embedq.common.ids import now_ms
 from embedq.common.wire import Job, pack_job, unpack_reply
+from embedq.producer import lease as lease_module
 from embedq.producer.replies import ReplyReader
 from embedq.redis_server import RedisServer
 from embedq.worker.backends.fake import CRASH_WORD, HANG_WORD, RAISE_WORD
@@ -735,3 +739,63 @@ async def test_many_reconnections_resubmit_once(redis_server: RedisServer) -> No
     finally:
         await reader.close()
         await client.aclose()
+
+
+async def test_an_explicit_client_id_is_held_by_one_client(
+    redis_server: RedisServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Two clients on one reply stream would trim each other's unread replies away.
+    monkeypatch.setattr(lease_module, "LEASE_MS", 1000)
+    worker = start_worker(redis_server.url, tmp_path, *FAKE)
+    r = redis.Redis.from_url(redis_server.url)
+    try:
+        async with AsyncClient(redis_server.url, model=MODEL, timeout=10) as random_id:
+            assert (await random_id.embed(["x"])).shape == (1, 384)
+            assert not r.keys("*#lease")  # a random id needs no lease
+        first = AsyncClient(redis_server.url, model=MODEL, client_id="fixed-1", timeout=10)
+        second = AsyncClient(redis_server.url, model=MODEL, client_id="fixed-1", timeout=10)
+        await asyncio.gather(*(first.embed([f"a{i}"]) for i in range(8)))  # concurrent first calls: one start
+        assert r.exists(keys.client_lease("fixed-1"))
+        started = time.monotonic()
+        with pytest.raises(ClientIdInUseError, match="fixed-1"):
+            await second.embed(["b"])
+        assert time.monotonic() - started >= 0.9  # waited out one lease period first
+        await asyncio.sleep(1.5)  # renewed meanwhile: the first still holds it
+        with pytest.raises(ClientIdInUseError):
+            await second.start()
+        assert (await first.embed(["c"])).shape == (1, 384)
+        await first.close()
+        assert not r.exists(keys.client_lease("fixed-1"))
+        async with second:  # released: taken at once
+            assert (await second.embed(["d"])).shape == (1, 384)
+    finally:
+        worker.stop()
+
+
+def test_a_killed_clients_id_is_free_after_its_lease(redis_server: RedisServer) -> None:
+    code = (
+        "import asyncio, sys\n"
+        "from embedq import AsyncClient\n"
+        "async def main():\n"
+        f"    c = AsyncClient({redis_server.url!r}, client_id='fixed-2')\n"
+        "    await c.start()\n"
+        "    print('up', flush=True)\n"
+        "    await asyncio.sleep(600)\n"
+        "asyncio.run(main())\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "up"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+        started = time.monotonic()
+
+        async def take() -> None:
+            async with AsyncClient(redis_server.url, client_id="fixed-2") as client:
+                assert client.reply_stream == keys.reply_stream("fixed-2")
+
+        asyncio.run(take())  # waits for the dead client's lease to run out, then holds it
+        assert time.monotonic() - started <= lease_module.LEASE_MS / 1000 + 3
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
