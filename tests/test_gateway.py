@@ -219,6 +219,20 @@ def test_malformed_json_and_missing_content_type(http: httpx.Client) -> None:
     assert form.status_code == 200 and len(form.json()[0]) == 384
 
 
+def test_unknown_paths_and_wrong_methods_have_the_error_shapes(http: httpx.Client) -> None:
+    missing = http.get("/no-such-route")
+    assert missing.status_code == 404
+    assert missing.json() == {"error": "Not Found", "error_type": "NotFound"}
+    wrong = http.get("/embed")
+    assert wrong.status_code == 405 and wrong.headers["allow"] == "POST"
+    assert wrong.json() == {"error": "Method Not Allowed", "error_type": "MethodNotAllowed"}
+    openai_wrong = http.get("/v1/embeddings")
+    assert openai_wrong.status_code == 405
+    assert openai_wrong.json() == {
+        "error": {"message": "Method Not Allowed", "type": "MethodNotAllowed", "code": "method_not_allowed"}
+    }
+
+
 def test_timing_headers(http: httpx.Client) -> None:
     resp = http.post("/embed", json={"inputs": ["hello world", "héllo"]})
     h = resp.headers

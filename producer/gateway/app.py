@@ -13,6 +13,7 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError as PydanticValidationError
 from pydantic.json_schema import models_json_schema
 from redis.exceptions import RedisError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import Response
@@ -26,7 +27,12 @@ from embedq.producer.async_client import AsyncClient
 from embedq.producer.gateway.config import GatewayConfig
 from embedq.producer.gateway.directory import ModelDirectory
 from embedq.producer.gateway.dispatch import Dispatcher
-from embedq.producer.gateway.http import TIMING_HEADERS, ApiKeyMiddleware, error_response
+from embedq.producer.gateway.http import (
+    TIMING_HEADERS,
+    ApiKeyMiddleware,
+    error_response,
+    http_error_response,
+)
 from embedq.producer.gateway.metrics import GatewayMetrics
 from embedq.producer.gateway.routes import VERSION, add_routes
 from embedq.producer.gateway.schemas import REQUEST_MODELS
@@ -153,7 +159,13 @@ def create_app(config: GatewayConfig) -> ASGIApp:
             return await on_embedq_error(request, ValidationError(f"invalid `{where}`: {first.get('msg')}"))
         return await on_unexpected(request, exc)
 
+    async def on_http_error(request: Request, exc: Exception) -> Response:
+        # Unknown paths and wrong methods: TEI's error shape, not FastAPI's {"detail"}.
+        assert isinstance(exc, StarletteHTTPException)
+        return http_error_response(exc.status_code, str(exc.detail), request.url.path, exc.headers)
+
     app.add_exception_handler(EmbedqError, on_embedq_error)
+    app.add_exception_handler(StarletteHTTPException, on_http_error)
     app.add_exception_handler(RequestValidationError, on_validation_error)
     app.add_exception_handler(Exception, on_unexpected)
 

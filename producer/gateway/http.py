@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hmac
+from collections.abc import Mapping
 from typing import Any, TypeVar
 
 import orjson
@@ -27,19 +28,33 @@ class JSONBytes(Response):
     media_type = "application/json"
 
 
-def json_response(content: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+def json_response(content: Any, status: int = 200, headers: Mapping[str, str] | None = None) -> Response:
     # OPT_SERIALIZE_NUMPY writes float32 arrays straight from their buffer.
     body = orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY)
     return JSONBytes(body, status_code=status, headers=headers)
 
 
-def error_response(exc: EmbedqError, path: str) -> Response:
+def error_body(path: str, message: str, error_type: str, code: str) -> dict[str, Any]:
+    """TEI's error shape, or OpenAI's on the OpenAI routes."""
     if path in OPENAI_PATHS:
-        body: dict[str, Any] = {"error": {"message": exc.message, "type": exc.tei_type, "code": exc.code}}
-    else:
-        body = {"error": exc.message, "error_type": exc.tei_type}
+        return {"error": {"message": message, "type": error_type, "code": code}}
+    return {"error": message, "error_type": error_type}
+
+
+def error_response(exc: EmbedqError, path: str) -> Response:
     headers = {"WWW-Authenticate": "Bearer"} if isinstance(exc, AuthenticationError) else None
-    return json_response(body, exc.http_status, headers)
+    return json_response(error_body(path, exc.message, exc.tei_type, exc.code), exc.http_status, headers)
+
+
+# Routing refusals (no such path, wrong method) by status: a type in TEI's PascalCase
+# style and a snake_case code, as embedq's own errors carry.
+_HTTP_TYPES = {404: ("NotFound", "not_found"), 405: ("MethodNotAllowed", "method_not_allowed")}
+
+
+def http_error_response(status: int, detail: str, path: str, headers: Mapping[str, str] | None) -> Response:
+    """A refusal from the router (Starlette's HTTPException) in the same error shapes."""
+    error_type, code = _HTTP_TYPES.get(status, ("Http", "http_error"))
+    return json_response(error_body(path, detail, error_type, code), status, headers)
 
 
 async def read_json(request: Request, limit: int) -> Any:
