@@ -63,6 +63,7 @@ def strict_gateway(
         "--max-client-batch-size", "4",
         "--client-batch-policy", "reject",
         "--cors-allow-origin", "https://app.example",
+        "--model-alias", f"text-embedding-3-small={MODEL}",
         scope="module",
     )  # fmt: skip
     yield g
@@ -495,6 +496,28 @@ def test_api_key(strict_gateway: GatewayProcess) -> None:
             input="x", model=MODEL
         )
     assert API_KEY not in strict_gateway.log()  # never logged
+
+
+def test_model_alias_names_the_served_model(strict_gateway: GatewayProcess) -> None:
+    client = openai.OpenAI(base_url=f"{strict_gateway.url}/v1", api_key=API_KEY, max_retries=0)
+    aliased = client.embeddings.create(input=DOCS[:2], model="text-embedding-3-small")
+    assert aliased.model == "text-embedding-3-small"  # the name the caller used
+    direct = client.embeddings.create(input=DOCS[:2], model=MODEL)
+    np.testing.assert_allclose(
+        [d.embedding for d in aliased.data], [d.embedding for d in direct.data], atol=1e-6
+    )
+    assert sorted(m.id for m in client.models.list().data) == sorted([MODEL, "text-embedding-3-small"])
+    with pytest.raises(openai.NotFoundError):  # only the alias given, not any name
+        client.embeddings.create(input="x", model="text-embedding-3-large")
+
+
+def test_model_alias_flag_is_checked() -> None:
+    from embedq.producer.gateway.config import GatewayConfigError, _model_aliases
+
+    assert _model_aliases(["a=org/m", " b = org/m "]) == (("a", "org/m"), ("b", "org/m"))
+    for bad in (["a"], ["=org/m"], ["a="], ["org/m=org/m"], ["a=x", "a=y"], ["a=bad name"]):
+        with pytest.raises(GatewayConfigError):
+            _model_aliases(bad)
 
 
 def test_payload_limit_is_a_json_413(strict_gateway: GatewayProcess) -> None:

@@ -43,6 +43,16 @@ class GatewayConfig:
     cors_allow_origin: tuple[str, ...] = ()
     # How often the gateway re-reads served models, heartbeats and backlogs.
     refresh_s: float = 0.25
+    # Other names for served models in a request's `model` (OpenAI clients send their
+    # own, such as text-embedding-3-small): (alias, served name) pairs.
+    model_aliases: tuple[tuple[str, str], ...] = ()
+
+    def served_name(self, name: str) -> str:
+        """The served model a request's `model` names, after aliases."""
+        for alias, target in self.model_aliases:
+            if alias == name:
+                return target
+        return name
 
 
 def _env(name: str, default: str | None = None) -> str | None:
@@ -99,6 +109,32 @@ def add_gateway_arguments(parser: argparse.ArgumentParser) -> None:
         default=[o for o in (_env("cors_allow_origin") or "").split(",") if o],
         help="an allowed CORS origin (repeat the flag, or comma-separate in the variable)",
     )
+    a(
+        "--model-alias",
+        action="append",
+        metavar="ALIAS=MODEL",
+        default=[x for x in (_env("embedq_model_aliases") or "").split(",") if x],
+        help="accept ALIAS as a request's `model` for the served MODEL, split at the first "
+        "`=` (repeat the flag, or comma-separate in the variable), e.g. "
+        f"text-embedding-3-small={DEFAULT_MODEL_NAME}",
+    )
+
+
+def _model_aliases(pairs: list[str]) -> tuple[tuple[str, str], ...]:
+    out: dict[str, str] = {}
+    for pair in pairs:
+        alias, sep, target = (x.strip() for x in pair.partition("="))
+        if not sep or not alias or not target:
+            raise GatewayConfigError(f"--model-alias {pair!r} is not ALIAS=MODEL")
+        if alias == target:
+            raise GatewayConfigError(f"--model-alias {pair!r} names the model itself")
+        if out.get(alias, target) != target:
+            raise GatewayConfigError(f"--model-alias {alias!r} is given for two models")
+        try:
+            out[alias] = check_model_name(target)
+        except ValueError as exc:
+            raise GatewayConfigError(f"--model-alias {pair!r}: {exc}") from None
+    return tuple(out.items())
 
 
 def _api_key(ns: argparse.Namespace) -> str | None:
@@ -125,6 +161,7 @@ def gateway_config_from_args(ns: argparse.Namespace) -> GatewayConfig:
         embedding_cache_ttl_s=ns.embedding_cache_ttl,
         request_timeout_s=ns.request_timeout,
         cors_allow_origin=tuple(ns.cors_allow_origin),
+        model_aliases=_model_aliases(ns.model_alias),
     )
     for name in ("payload_limit", "max_client_batch_size", "max_concurrent_requests", "max_queue_backlog"):
         if getattr(cfg, name) < 1:

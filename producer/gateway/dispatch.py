@@ -92,8 +92,8 @@ class Dispatcher:
         self.in_flight = 0
 
     async def resolve(self, name: str | None) -> ModelView:
-        """The served model a request names (None: the gateway's default)."""
-        name = name or self.config.model
+        """The served model a request names (None: the gateway's default), after aliases."""
+        name = self.config.served_name(name) if name else self.config.model
         view = await self.directory.lookup(name)
         if view is None:
             served = ", ".join(sorted(self.directory.models)) or "none"

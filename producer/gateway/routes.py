@@ -410,11 +410,10 @@ def add_routes(
 
     @app.get("/v1/models", summary="Served models (OpenAI shape)")
     async def list_models() -> Response:
-        data = [
-            {"id": name, "object": "model", "created": 0, "owned_by": "embedq"}
-            for name, view in sorted(directory.models.items())
-            if view.live_workers
-        ]
+        live = {name for name, view in directory.models.items() if view.live_workers}
+        # Aliases of live models too: a client may check that the model it names is listed.
+        names = live | {alias for alias, target in config.model_aliases if target in live}
+        data = [{"id": name, "object": "model", "created": 0, "owned_by": "embedq"} for name in sorted(names)]
         return json_response({"object": "list", "data": data})
 
     # ------------------------------------------------------------ info and probes
