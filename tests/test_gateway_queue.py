@@ -78,9 +78,19 @@ def test_health_follows_the_workers(redis_server: RedisServer, tmp_path: Path) -
     unhealthy = httpx.get(f"{gw.url}/health")
     assert unhealthy.status_code == 503
     assert unhealthy.json() == {"error": "unhealthy", "error_type": "Unhealthy"}
-    # No worker ever registered the model: a clear 404, not a hang.
-    missing = httpx.post(f"{gw.url}/embed", json={"inputs": "x"}, timeout=10)
-    assert missing.status_code == 404 and "not served" in missing.json()["error"]
+    # No worker registered the gateway's model yet: a 503 that clients retry (openai's
+    # does), not a hang and not a 404 they would give up on; /info says the same.
+    for early in (
+        httpx.post(f"{gw.url}/embed", json={"inputs": "x"}, timeout=10),
+        httpx.get(f"{gw.url}/info", timeout=10),
+        httpx.post(f"{gw.url}/v1/embeddings", json={"input": "x", "model": MODEL}, timeout=10),
+    ):
+        assert early.status_code == 503, early.text
+        assert "no worker has registered" in early.text and MODEL in early.text
+    assert httpx.get(f"{gw.url}/info").json()["error_type"] == "Unhealthy"
+    # Any other name is still not served here.
+    other = httpx.post(f"{gw.url}/v1/embeddings", json={"input": "x", "model": "other"}, timeout=10)
+    assert other.status_code == 404 and "not served" in other.text
 
     worker = start_worker(redis_server.url, tmp_path, *FAKE)
     _wait_for(lambda: httpx.get(f"{gw.url}/health").status_code == 200)

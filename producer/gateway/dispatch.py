@@ -95,6 +95,15 @@ class Dispatcher:
         """The served model a request names (None: the gateway's default), after aliases."""
         name = self.config.served_name(name) if name else self.config.model
         view = await self.directory.lookup(name)
+        if view is None and (name == self.config.model or not self.directory.redis_ok):
+            # The gateway's own model before its first worker registers (or with Redis
+            # unreachable): a 503 that clients retry, not a 404 they give up on.
+            reason = (
+                "the queue (Redis) cannot be reached"
+                if not self.directory.redis_ok
+                else f"no worker has registered model {name!r} yet"
+            )
+            raise QueueUnavailableError(reason)
         if view is None:
             served = ", ".join(sorted(self.directory.models)) or "none"
             raise ModelNotServedError(f"model {name!r} is not served here (served models: {served})")
