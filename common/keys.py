@@ -28,13 +28,13 @@ _CLIENT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 
 def check_model_name(model: str) -> str:
     """Return ``model`` if it is a valid served-model name, else raise ValueError."""
-    if not _MODEL_NAME.match(model):
+    if not _MODEL_NAME.fullmatch(model):  # match's $ would let a trailing newline in
         raise ValueError(f"invalid model name {model!r}: use letters, digits and ._:/@+=- (at most 200)")
     return model
 
 
 def check_client_id(client_id: str) -> str:
-    if not _CLIENT_ID.match(client_id):
+    if not _CLIENT_ID.fullmatch(client_id):
         raise ValueError(f"invalid client id {client_id!r}")
     return client_id
 
@@ -97,9 +97,13 @@ def client_lease(client_id: str) -> str:
     return f"{reply_stream(client_id)}#lease"
 
 
+_REPLY_PREFIX = f"{PREFIX}:reply:"
+
+
 def is_reply_stream(key: str) -> bool:
-    """True for a key shaped like a reply stream: the only keys a worker writes replies to."""
-    return key.startswith(f"{PREFIX}:reply:") and 0 < len(key) <= 256
+    """True for a key named as reply_stream() names one: the only keys a worker writes
+    replies to (not a client's lease, nor anything else under the prefix)."""
+    return key.startswith(_REPLY_PREFIX) and _CLIENT_ID.fullmatch(key[len(_REPLY_PREFIX) :]) is not None
 
 
 # Stream entry field names.

@@ -51,10 +51,26 @@ def test_keys_share_the_model_hash_tag() -> None:
     assert keys.reply_stream("sdk-host-1-ab") == "embedq:reply:sdk-host-1-ab"
 
 
-@pytest.mark.parametrize("bad", ["", "a}b", "a{b", "has space", "x" * 201, "-lead"])
+@pytest.mark.parametrize("bad", ["", "a}b", "a{b", "has space", "x" * 201, "-lead", "trailing\n"])
 def test_bad_model_names(bad: str) -> None:
     with pytest.raises(ValueError):
         keys.jobs_stream(bad)
+
+
+def test_only_reply_streams_pass_as_reply_to() -> None:
+    assert keys.is_reply_stream(keys.reply_stream("sdk-host-1-ab"))
+    assert keys.is_reply_stream(keys.reply_stream("x" * 128))
+    for not_a_reply in (
+        keys.client_lease("sdk-host-1-ab"),  # a string key: a reply there would be refused
+        "embedq:reply:",
+        "embedq:reply:ab\n",
+        "embedq:reply:" + "x" * 129,
+        "embedq:reply:has space",
+        keys.jobs_stream("m"),
+    ):
+        assert not keys.is_reply_stream(not_a_reply), not_a_reply
+    with pytest.raises(ValueError):
+        keys.reply_stream("ab\n")
 
 
 def test_errors_cross_the_wire_typed() -> None:
