@@ -196,6 +196,20 @@ class AsyncClient:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
+    async def _start_within(self, seconds: float) -> float:
+        """Start on a first request within its timeout (a leased id may wait up to a lease
+        period for a crashed holder's lease); returns the time left (0: no deadline)."""
+        started = time.monotonic()
+        try:
+            async with asyncio.timeout(seconds if seconds > 0 else None):
+                await self.start()
+        except TimeoutError:
+            lease = f", or client id {self.client_id!r} is still leased" if self._leased else ""
+            raise RequestTimeoutError(
+                f"the client could not start within {seconds:g}s (Redis unreachable{lease})"
+            ) from None
+        return max(seconds - (time.monotonic() - started), 0.001) if seconds > 0 else 0
+
     @property
     def reply_stream(self) -> str:
         return keys.reply_stream(self.client_id)
@@ -216,7 +230,8 @@ class AsyncClient:
         ``lane="bulk"`` queues it behind interactive work (ingestion, backfills). With
         the cache on, an ``embed`` job sends only the inputs the cache does not hold.
         """
-        await self.start()
+        if self._reader is None:
+            timeout = await self._start_within(self.timeout if timeout is None else timeout)
         model = keys.check_model_name(model or self.model)
         if self.cache is not None and cacheable(kind, inputs):
             # One deadline over the cache's reads and writes and the fetch of what it

@@ -760,6 +760,12 @@ async def test_an_explicit_client_id_is_held_by_one_client(
         with pytest.raises(ClientIdInUseError, match="fixed-1"):
             await second.embed(["b"])
         assert time.monotonic() - started >= 0.9  # waited out one lease period first
+        # A request's timeout bounds that wait too.
+        hasty = AsyncClient(redis_server.url, model=MODEL, client_id="fixed-1", timeout=0.3)
+        started = time.monotonic()
+        with pytest.raises(RequestTimeoutError, match="still leased"):
+            await hasty.embed(["b"])
+        assert time.monotonic() - started < 0.8
         await asyncio.sleep(1.5)  # renewed meanwhile: the first still holds it
         with pytest.raises(ClientIdInUseError):
             await second.start()
