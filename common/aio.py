@@ -29,6 +29,19 @@ async def cancel_tasks(tasks: Iterable[asyncio.Task[object]], timeout: float = 5
         log.warning("task %s did not stop within %.1fs", task.get_name(), timeout)
 
 
+def raise_if_cancelled() -> None:
+    """End a background loop whose task was cancelled even if the CancelledError was lost.
+
+    On Python 3.11, ``asyncio.wait_for`` drops a cancel that lands as the future it waits
+    on finishes (CPython gh-86296, fixed in 3.12), and redis-py wraps each socket write in
+    one. A loop that lost its cancel that way runs on, and ``asyncio.run`` or a test's
+    teardown, which cancels each leftover task once, waits for it forever.
+    """
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
 async def within(aw: Awaitable[T], seconds: float | None) -> T:
     """``await aw`` with a deadline (None: none); raises TimeoutError when it passes.
 

@@ -17,7 +17,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from embedq.common import keys
-from embedq.common.aio import cancel_tasks
+from embedq.common.aio import cancel_tasks, raise_if_cancelled
 from embedq.common.errors import ClientIdInUseError, QueueUnavailableError
 
 log = logging.getLogger(__name__)
@@ -56,6 +56,7 @@ class ClientLease:
 
     async def _renew(self) -> None:
         while True:
+            raise_if_cancelled()
             await asyncio.sleep(LEASE_MS / 3000)
             try:
                 # SET ... GET: renews and tells whether the lease was still ours (None:

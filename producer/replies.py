@@ -15,7 +15,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from embedq.common import keys
-from embedq.common.aio import cancel_tasks
+from embedq.common.aio import cancel_tasks, raise_if_cancelled
 from embedq.common.errors import ProtocolError, QueueUnavailableError
 from embedq.common.wire import Reply, unpack_reply
 
@@ -83,6 +83,7 @@ class ReplyReader:
         backoff = 0.1
         failing = False
         while not self._closing:
+            raise_if_cancelled()
             try:
                 resp = cast(
                     "_ReadReply | None",

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import redis.asyncio as aioredis
 
 from embedq.common import keys
-from embedq.common.aio import cancel_tasks
+from embedq.common.aio import cancel_tasks, raise_if_cancelled
 from embedq.common.errors import QueueUnavailableError
 
 log = logging.getLogger(__name__)
@@ -59,6 +59,7 @@ class Submitter:
 
     async def _run(self) -> None:
         while not self._closing:
+            raise_if_cancelled()
             batch = [await self._queue.get()]
             while not self._queue.empty() and len(batch) < MAX_PIPELINE:
                 batch.append(self._queue.get_nowait())

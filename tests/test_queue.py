@@ -26,9 +26,11 @@ from embedq import (
     ValidationError,
 )
 from embedq.common import keys
+from embedq.common.aio import cancel_tasks
 from embedq.common.ids import now_ms
 from embedq.common.wire import Job, pack_job, unpack_reply
 from embedq.producer import lease as lease_module
+from embedq.producer.gateway.directory import ModelDirectory
 from embedq.producer.replies import ReplyReader
 from embedq.redis_server import RedisServer
 from embedq.worker.backends.fake import CRASH_WORD, HANG_WORD, RAISE_WORD
@@ -739,6 +741,71 @@ async def test_many_reconnections_resubmit_once(redis_server: RedisServer) -> No
     finally:
         await reader.close()
         await client.aclose()
+
+
+class _LostCancel:
+    """A Redis call that drops one cancel, as Python 3.11's asyncio.wait_for (around each
+    of redis-py's socket writes) does when the cancel lands as the write finishes."""
+
+    def __init__(self, result: object = None) -> None:
+        self.entered = asyncio.Event()
+        self.result = result
+        self.queued = 0
+
+    async def __call__(self, *args: object, **kwargs: object) -> object:
+        self.entered.set()
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            pass
+        return self.result if self.result is not None else [b"1-0"] * self.queued
+
+    # A pipeline's face, for the submitter.
+    def pipeline(self, transaction: bool = False) -> _LostCancel:
+        return self
+
+    def xadd(self, *args: object, **kwargs: object) -> None:
+        self.queued += 1
+
+    execute = __call__
+
+
+@pytest.mark.parametrize("loop", ["replies", "submitter", "lease", "directory"])
+async def test_a_background_loop_ends_on_a_cancel_its_redis_call_lost(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch, loop: str
+) -> None:
+    # asyncio.run and test teardowns cancel each leftover task once: a loop that lost that
+    # cancel ran on, and a client that was never closed hung its program at exit.
+    monkeypatch.setattr(lease_module, "LEASE_MS", 300)
+    client = AsyncClient(redis_server.url, model=MODEL, client_id="lost-cancel")
+    directory = ModelDirectory(aioredis.Redis.from_url(redis_server.url), refresh_s=0.05)
+    await client.start()
+    await directory.start()
+    lost = _LostCancel()
+    assert client._reader is not None and client._submitter is not None and client._lease is not None
+    if loop == "replies":
+        task, owner, name = client._reader._task, client._reader._redis, "xread"
+    elif loop == "submitter":
+        task, owner, name = client._submitter._task, client._submitter._redis, "pipeline"
+    elif loop == "lease":
+        task, owner, name = client._lease._task, client._lease._redis, "set"
+    else:
+        task, owner, name = directory._task, directory, "_read"
+        lost.result = {}
+    assert task is not None
+    monkeypatch.setattr(owner, name, lost.pipeline if name == "pipeline" else lost)
+    try:
+        if loop == "submitter":
+            client._submitter.submit(keys.jobs_stream(MODEL, "interactive"), b"x")
+        await asyncio.wait_for(lost.entered.wait(), 5)
+        task.cancel()
+        done, _ = await asyncio.wait({task}, timeout=3)
+        assert task in done, f"the {loop} loop ran on after its cancel was lost"
+    finally:
+        monkeypatch.undo()
+        await cancel_tasks([task])
+        await client.close()
+        await directory.close()
 
 
 async def test_an_explicit_client_id_is_held_by_one_client(

@@ -19,6 +19,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from embedq.common import keys
+from embedq.common.aio import raise_if_cancelled
 from embedq.common.ids import now_ms
 
 log = logging.getLogger(__name__)
@@ -137,6 +138,7 @@ class ModelDirectory:
 
     async def _loop(self) -> None:
         while True:
+            raise_if_cancelled()
             await asyncio.sleep(self.refresh_s)
             await self.refresh()
 
