@@ -87,6 +87,14 @@ def _as_inputs(texts: Texts) -> list[Any]:
     return out
 
 
+def _check_timeout(seconds: float) -> float:
+    """A timeout in seconds, 0 for none. A negative or NaN one is refused: it reads as a
+    mistake, and silently waiting forever would hide it."""
+    if not seconds >= 0:
+        raise ValidationError(f"timeout must be a number of seconds >= 0 (0: no deadline), not {seconds!r}")
+    return seconds
+
+
 class AsyncClient:
     """Async client for one Redis and (by default) one served model.
 
@@ -110,7 +118,7 @@ class AsyncClient:
         lease_client_id: bool | None = None,
     ) -> None:
         self.model = keys.check_model_name(model)
-        self.timeout = timeout
+        self.timeout = _check_timeout(timeout)
         self._settings = redis_settings or RedisSettings.from_env(redis_url, max_connections=max_connections)
         user = redis_username(self._settings.url)
         self.client_id = keys.check_client_id(client_id or new_client_id("sdk", user=user))
@@ -230,6 +238,8 @@ class AsyncClient:
         ``lane="bulk"`` queues it behind interactive work (ingestion, backfills). With
         the cache on, an ``embed`` job sends only the inputs the cache does not hold.
         """
+        if timeout is not None:
+            _check_timeout(timeout)
         if self._reader is None:
             timeout = await self._start_within(self.timeout if timeout is None else timeout)
         model = keys.check_model_name(model or self.model)

@@ -73,6 +73,12 @@ async def test_timeout_when_no_worker_answers(redis_server: RedisServer) -> None
         with pytest.raises(RequestTimeoutError):
             await c.embed("x", timeout=0.5)
         assert time.monotonic() - start < 3
+        # A negative timeout is a mistake, not "no deadline" (that is 0).
+        for bad in (-1, float("nan")):
+            with pytest.raises(ValidationError, match="timeout must be"):
+                await asyncio.wait_for(c.embed("x", timeout=bad), 2)
+    with pytest.raises(ValidationError, match="timeout must be"):
+        AsyncClient(redis_server.url, model=MODEL, timeout=-0.5)
 
 
 async def test_deadline_covers_the_wait_for_a_slot(redis_server: RedisServer) -> None:
