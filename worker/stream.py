@@ -230,12 +230,17 @@ class JobStream:
                 return []
             raise
         out: list[Delivery] = []
+        gone: list[Delivery] = []
         for stream, entries in resp or []:
             name = stream.decode() if isinstance(stream, bytes) else str(stream)
             for entry_id, fields in entries:
-                # A pending entry deleted meanwhile comes back with no fields.
-                if fields is not None:
-                    out.append(Delivery(entry_id, fields, stream=name))
+                # A pending entry deleted meanwhile (an operator's XDEL or XTRIM) comes
+                # back from the history with no fields: nothing to answer, but it stays
+                # pending until acknowledged. (XADD never writes an entry without fields.)
+                (out if fields else gone).append(Delivery(entry_id, fields or {}, stream=name))
+        if gone:
+            log.info("acknowledging %d held entries that were deleted from the stream", len(gone))
+            await self.ack(gone)
         return out
 
     async def read_new(
