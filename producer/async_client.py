@@ -71,6 +71,10 @@ def _as_inputs(texts: Texts) -> list[Any]:
     """TEI's input forms: a string, a list of strings, one id list, or a list of id lists."""
     if isinstance(texts, str):
         return [texts]
+    if isinstance(texts, bytes | bytearray) or not isinstance(texts, Iterable):  # bytes: ids?
+        raise ValidationError(
+            f"`inputs` must be a text or a list of texts or token ids (found {type(texts).__name__!r})"
+        )
     items: list[str | int | Sequence[int]] = list(texts)
     if items and all(isinstance(x, int) and not isinstance(x, bool) for x in items):
         return [items]
@@ -242,7 +246,10 @@ class AsyncClient:
             _check_timeout(timeout)
         if self._reader is None:
             timeout = await self._start_within(self.timeout if timeout is None else timeout)
-        model = keys.check_model_name(model or self.model)
+        try:
+            model = keys.check_model_name(model or self.model)
+        except ValueError as exc:
+            raise ValidationError(str(exc)) from None
         if self.cache is not None and cacheable(kind, inputs):
             # One deadline over the cache's reads and writes and the fetch of what it
             # lacks: a stalled Redis must not hold a caller past its timeout, and the
@@ -291,9 +298,15 @@ class AsyncClient:
             first = exc.errors()[0]
             where = ".".join(str(p) for p in first["loc"])
             raise ValidationError(f"invalid request: {where}: {first['msg']}") from None
+        try:
+            stream = keys.jobs_stream(model, lane)
+            payload = pack_job(job)
+        except UnicodeEncodeError as exc:  # a lone surrogate ("\ud800") has no UTF-8 form
+            raise ValidationError(f"`inputs` must be valid Unicode: {exc.reason} at {exc.start}") from None
+        except ValueError as exc:  # an unknown lane
+            raise ValidationError(str(exc)) from None
         reader = self._reader
         waiter = reader.expect(job.id)
-        stream, payload = keys.jobs_stream(model, lane), pack_job(job)
         # One coroutine from slot to reply, under one deadline that covers the wait for a
         # slot and the enqueue too (a stalled Redis cannot hang a caller). Nested helper
         # coroutines cost a frame, a closure and GC work per request on this hot path.

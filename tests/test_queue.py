@@ -231,6 +231,19 @@ def test_sync_client(redis_server: RedisServer, tmp_path: Path) -> None:
             for bad in (["a", 1], ["a", b"raw"], [None], [1.5]):
                 with pytest.raises(ValidationError, match="texts or lists of token ids"):
                     c.embed(bad)  # type: ignore[arg-type]
+            # Bad arguments outside the inputs: typed errors too, and no reply waiter
+            # left behind for a request that was never sent.
+            bad_calls = {
+                "must be a text or a list": lambda: c.embed(None),  # type: ignore[arg-type]
+                "found 'bytes'": lambda: c.embed(b"raw"),  # type: ignore[arg-type]
+                "valid Unicode": lambda: c.embed("lone \ud800 surrogate"),
+                "unknown lane": lambda: c.embed("x", lane="fast"),  # type: ignore[arg-type]
+                "invalid model name": lambda: c.embed("x", model="no such model!"),
+            }
+            for message, call in bad_calls.items():
+                with pytest.raises(ValidationError, match=message):
+                    call()
+            assert c._async._reader is not None and c._async._reader.in_flight == 0
             assert c.embed([[101, 2023, 102], "a b"]).shape == (2, 384)
             # A generator left open past close(): closing it later raises nothing.
             unfinished = c.embed_many((f"u{i}" for i in range(20)), chunk_size=4)
