@@ -71,7 +71,8 @@ def _as_inputs(texts: Texts) -> list[Any]:
     """TEI's input forms: a string, a list of strings, one id list, or a list of id lists."""
     if isinstance(texts, str):
         return [texts]
-    if isinstance(texts, bytes | bytearray) or not isinstance(texts, Iterable):  # bytes: ids?
+    # Bytes iterate as ints and would pass as token ids; None and numbers do not iterate.
+    if isinstance(texts, bytes | bytearray) or not isinstance(texts, Iterable):
         raise ValidationError(
             f"`inputs` must be a text or a list of texts or token ids (found {type(texts).__name__!r})"
         )
