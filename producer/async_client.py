@@ -127,9 +127,11 @@ class AsyncClient:
         self._settings = redis_settings or RedisSettings.from_env(redis_url, max_connections=max_connections)
         user = redis_username(self._settings.url)
         self.client_id = keys.check_client_id(client_id or new_client_id("sdk", user=user))
-        # An explicit id is leased, so a second client cannot share its reply stream.
-        # (None: only an id the caller chose; a random one cannot be shared.)
-        self._leased = client_id is not None if lease_client_id is None else lease_client_id
+        # Every id is leased: the lease key's loss tells of Redis data lost under live
+        # connections (lease.py). An explicit id is held exclusively, so a second client
+        # cannot share its reply stream. (None: exclusive for an id the caller chose;
+        # False for one that is random already, as the gateway's is.)
+        self._exclusive = client_id is not None if lease_client_id is None else lease_client_id
         self._lease: ClientLease | None = None
         self._start_lock = asyncio.Lock()
         self._redis: aioredis.Redis | None = None
@@ -170,16 +172,16 @@ class AsyncClient:
             max_connections=1,
             on_connect=self._reader_connected,
         )
-        if self._leased:
-            lease = ClientLease(self._redis, self.client_id)
-            try:
-                await lease.acquire()
-            except BaseException:
-                await self._redis.aclose()
-                await self._reader_redis.aclose()
-                self._redis = self._reader_redis = None
-                raise
-            self._lease = lease
+        lease = ClientLease(self._redis, self.client_id)
+        lease.on_lost = self._resubmit_in_flight
+        try:
+            await lease.acquire(exclusive=self._exclusive)
+        except BaseException:
+            await self._redis.aclose()
+            await self._reader_redis.aclose()
+            self._redis = self._reader_redis = None
+            raise
+        self._lease = lease
         self._reader = ReplyReader(self._reader_redis, keys.reply_stream(self.client_id))
         self._submitter = Submitter(self._redis)
         if self.cache_ttl_s:
@@ -217,7 +219,7 @@ class AsyncClient:
             async with asyncio.timeout(seconds if seconds > 0 else None):
                 await self.start()
         except TimeoutError:
-            lease = f", or client id {self.client_id!r} is still leased" if self._leased else ""
+            lease = f", or client id {self.client_id!r} is still leased" if self._exclusive else ""
             raise RequestTimeoutError(
                 f"the client could not start within {seconds:g}s (Redis unreachable{lease})"
             ) from None
@@ -368,11 +370,12 @@ class AsyncClient:
             self._reader.connected()
 
     def _resubmit_in_flight(self) -> None:
-        """After Redis came back, send every job still awaiting its reply again (same
-        ids): a restart without persistence, or the last second of an AOF, may have lost
-        it. Jobs that survived run twice at worst; their second answer is dropped."""
+        """After Redis came back or lost data, send every job still awaiting its reply
+        again (same ids): a restart without persistence, the last second of an AOF or a
+        FLUSHALL may have lost it. A job that survived runs twice at worst; its second
+        answer is dropped."""
         if self._in_flight:
-            log.warning("Redis is back: resubmitting %d jobs still awaiting replies", len(self._in_flight))
+            log.warning("resubmitting %d jobs still awaiting replies", len(self._in_flight))
             task = asyncio.get_running_loop().create_task(self._resubmit(dict(self._in_flight)))
             self._background.add(task)
             task.add_done_callback(self._background.discard)

@@ -1,9 +1,14 @@
-"""A lease on an explicit client id, so two clients never share one reply stream.
+"""A lease on a client id, so two clients never share one reply stream.
 
 Every client reads its whole reply stream and trims what it has read. Two clients
 started with the same ``client_id`` would each drop replies the other has not read yet,
-and their callers would wait for answers that are gone. A random id (the default) needs
-no lease; an explicit one is held with a key that expires unless its client renews it.
+and their callers would wait for answers that are gone. The id is held with a key that
+expires unless its client renews it.
+
+The key also tells of data Redis lost while the connections stayed up (a FLUSHALL, an
+eviction): a renewal that finds it gone calls ``on_lost``, and the client sends its jobs
+in flight again. A random id cannot be shared, but is leased for that reason too, in the
+background: its start makes no round trip, and cannot wait or fail.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import asyncio
 import logging
 import secrets
 import time
+from collections.abc import Callable
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
@@ -34,10 +40,20 @@ class ClientLease:
         self.key = keys.client_lease(client_id)
         self._token = secrets.token_hex(8)
         self._task: asyncio.Task[None] | None = None
+        # Called when a renewal finds the key gone: Redis lost it (and maybe queued jobs).
+        self.on_lost: Callable[[], None] | None = None
+        # False until the key was written: a key never written cannot be lost.
+        self._held = False
 
-    async def acquire(self) -> None:
-        """Take the id, waiting up to one lease period for a lease left by a client that
-        stopped without closing; raises ClientIdInUseError if it is still held."""
+    async def acquire(self, *, exclusive: bool = True) -> None:
+        """Take the id. Exclusive (an id the caller chose): wait up to one lease period
+        for a lease left by a client that stopped without closing, then raise
+        ClientIdInUseError; raise QueueUnavailableError if Redis cannot be reached.
+        Otherwise (a random id, which no other client has): taken in the background,
+        by the first renewal that reaches Redis."""
+        if not exclusive:
+            self._task = asyncio.create_task(self._renew(), name="embedq-client-lease")
+            return
         deadline = time.monotonic() + LEASE_MS / 1000
         while not await self._take():
             if time.monotonic() >= deadline:
@@ -46,6 +62,7 @@ class ClientLease:
                     "two clients sharing one reply stream would drop each other's replies"
                 )
             await asyncio.sleep(min(0.25, LEASE_MS / 4000))
+        self._held = True
         self._task = asyncio.create_task(self._renew(), name="embedq-client-lease")
 
     async def _take(self) -> bool:
@@ -55,9 +72,11 @@ class ClientLease:
             raise QueueUnavailableError(f"cannot lease client id {self.client_id!r}: {exc}") from exc
 
     async def _renew(self) -> None:
+        delay = LEASE_MS / 3000 if self._held else 0.0  # not taken yet: at once
         while True:
             raise_if_cancelled()
-            await asyncio.sleep(LEASE_MS / 3000)
+            await asyncio.sleep(delay)
+            delay = LEASE_MS / 3000
             try:
                 # SET ... GET: renews and tells whether the lease was still ours (None:
                 # it expired or Redis lost it, and this takes it back).
@@ -65,7 +84,17 @@ class ClientLease:
             except RedisError as exc:
                 log.debug("client lease renewal failed: %s", exc)
                 continue
-            if held is not None and held != self._token.encode():
+            if not self._held:
+                self._held = True  # the first write of a non-exclusive lease
+            elif held is None:
+                log.warning(
+                    "the lease key of client id %r is gone: Redis lost data (a flush, an eviction, "
+                    "or a stall of this client past the lease); sending jobs in flight again",
+                    self.client_id,
+                )
+                if self.on_lost is not None:
+                    self.on_lost()
+            elif held != self._token.encode():
                 log.error(
                     "client id %r was taken by another client while this one was stalled; "
                     "replies of either may be lost",

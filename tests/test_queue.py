@@ -502,6 +502,29 @@ async def test_worker_recovers_from_a_flushed_redis(redis_server: RedisServer, t
         worker.stop()
 
 
+async def test_jobs_lost_to_a_flush_are_sent_again(
+    redis_server: RedisServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A FLUSHALL keeps every connection up, so nothing reconnects: the client learns of
+    # it from its lease key, gone at the next renewal, and sends its jobs in flight again.
+    monkeypatch.setattr(lease_module, "LEASE_MS", 1500)
+    r = redis.Redis.from_url(redis_server.url)
+    worker = start_worker(redis_server.url, tmp_path, *FAKE)
+    async with AsyncClient(redis_server.url, model=MODEL, timeout=20) as c:
+        assert (await c.embed("before")).shape == (1, 384)
+        worker.stop()  # the stream stays: these wait in it, unread
+        queued = [asyncio.create_task(c.embed(f"queued {i}")) for i in range(10)]
+        while r.xlen(keys.jobs_stream(MODEL)) < 10:
+            await asyncio.sleep(0.05)
+        r.flushall()
+        worker = start_worker(redis_server.url, tmp_path, *FAKE)
+        try:
+            results = await asyncio.gather(*queued)
+        finally:
+            worker.stop()
+    assert [v.shape for v in results] == [(1, 384)] * 10
+
+
 @pytest.mark.parametrize("bad", ["not-a-stream", "past-the-last-id"])
 async def test_reply_that_can_never_be_written_is_dead_lettered(
     redis_server: RedisServer, tmp_path: Path, bad: str
@@ -837,7 +860,13 @@ async def test_an_explicit_client_id_is_held_by_one_client(
     try:
         async with AsyncClient(redis_server.url, model=MODEL, timeout=10) as random_id:
             assert (await random_id.embed(["x"])).shape == (1, 384)
-            assert not r.keys("*#lease")  # a random id needs no lease
+            # Taken in the background (no round trip at start): a sentinel of lost data.
+            for _ in range(50):
+                if r.exists(keys.client_lease(random_id.client_id)):
+                    break
+                await asyncio.sleep(0.02)
+            assert r.exists(keys.client_lease(random_id.client_id))
+        assert not r.keys("*#lease")  # released at close
         first = AsyncClient(redis_server.url, model=MODEL, client_id="fixed-1", timeout=10)
         second = AsyncClient(redis_server.url, model=MODEL, client_id="fixed-1", timeout=10)
         await asyncio.gather(*(first.embed([f"a{i}"]) for i in range(8)))  # concurrent first calls: one start

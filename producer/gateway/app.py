@@ -91,7 +91,7 @@ def create_app(config: GatewayConfig) -> ASGIApp:
         model=config.model,
         timeout=config.request_timeout_s,
         client_id=new_client_id("gateway", user=redis_username(config.redis.url)),
-        lease_client_id=False,  # random: no other client has it
+        lease_client_id=False,  # random: no other client has it, so a start never waits
         redis_settings=config.redis,
         cache_ttl_s=config.embedding_cache_ttl_s,
     )
