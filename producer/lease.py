@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
+from redis.exceptions import NoPermissionError, RedisError
 
 from embedq.common import keys
 from embedq.common.aio import cancel_tasks, raise_if_cancelled
@@ -44,6 +44,7 @@ class ClientLease:
         self.on_lost: Callable[[], None] | None = None
         # False until the key was written: a key never written cannot be lost.
         self._held = False
+        self._refused = False  # the ACL refused a renewal (warned once)
 
     async def acquire(self, *, exclusive: bool = True) -> None:
         """Take the id. Exclusive (an id the caller chose): wait up to one lease period
@@ -81,6 +82,16 @@ class ClientLease:
                 # SET ... GET: renews and tells whether the lease was still ours (None:
                 # it expired or Redis lost it, and this takes it back).
                 held = await self._redis.set(self.key, self._token, px=LEASE_MS, get=True)
+            except NoPermissionError as exc:  # an ACL from before every client leased
+                if not self._refused:
+                    self._refused = True
+                    log.warning(
+                        "cannot write the lease key %s (%s): this client will not learn of "
+                        "jobs Redis loses to a flush; grant +get +set on its reply prefix",
+                        self.key,
+                        exc,
+                    )
+                continue
             except RedisError as exc:
                 log.debug("client lease renewal failed: %s", exc)
                 continue

@@ -3,6 +3,8 @@ through embedq's own processes, and nothing more."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import os
 import subprocess
 import sys
@@ -15,8 +17,9 @@ import pytest
 import redis
 from redis.exceptions import AuthenticationError, NoPermissionError, ResponseError
 
-from embedq import Client
+from embedq import AsyncClient, Client
 from embedq.common import keys
+from embedq.producer import lease as lease_module
 from embedq.redis_server import _version, find_redis_server
 
 from .helpers import MODEL, free_port, start_gateway, start_worker, wait_for_workers, wait_healthy
@@ -196,3 +199,21 @@ def test_each_role_does_its_job_and_nothing_more(acl_redis: AclRedis, tmp_path: 
         redis.Redis(port=acl_redis.port).ping()  # the default user is off
     with pytest.raises(AuthenticationError):
         redis.Redis.from_url(acl_redis.url("producer").replace("producer-secret", "wrong")).ping()
+
+
+async def test_a_client_whose_acl_predates_leases_warns_once(
+    acl_redis: AclRedis, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A user written before every client leased its id (no GET/SET on its reply prefix):
+    # the client still serves, and says once that it cannot learn of a flush.
+    monkeypatch.setattr(lease_module, "LEASE_MS", 300)
+    acl_redis.client("admin").execute_command(
+        "ACL", "SETUSER", "legacy", "on", ">legacy-pass", "resetchannels", "-@all", "+ping",
+        "+client|setname", "+client|id", "+xread", "+xtrim", "+del", "+expire", "~embedq:reply:legacy.*",
+    )  # fmt: skip
+    url = f"redis://legacy:legacy-pass@127.0.0.1:{acl_redis.port}/0"
+    with caplog.at_level(logging.WARNING, logger="embedq.producer.lease"):
+        async with AsyncClient(url, model=MODEL):
+            await asyncio.sleep(0.6)  # the first write and several renewals
+    refused = [r for r in caplog.records if "cannot write the lease key" in r.getMessage()]
+    assert len(refused) == 1
